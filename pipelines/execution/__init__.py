@@ -1,0 +1,24 @@
+"""Running one block's code: `run_block` forks a child process and runs it there."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+# Imported here, in the parent, so that each forked child finds them loaded instead of
+# importing them again (which would cost more than the fork itself).
+from pipelines.execution import python
+from pipelines.execution.process import LogSink, Tick, run_in_child
+from pipelines.execution.spec import FAILED, BlockSpec, ExecutionResult, LogLine, UpstreamInput
+
+__all__ = ["BlockSpec", "ExecutionResult", "LogLine", "UpstreamInput", "run_block", "LogSink", "Tick"]
+
+
+def _dispatch(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) -> ExecutionResult:
+    if spec.language == "python":
+        return python.execute(spec, logger, context)
+    return ExecutionResult(status=FAILED, error=f"Blocks in {spec.language!r} cannot be run yet")
+
+
+def run_block(spec: BlockSpec, *, on_log: LogSink, on_tick: Tick | None = None, tick: float = 2.0) -> ExecutionResult:
+    return run_in_child(spec, _dispatch, on_log=on_log, on_tick=on_tick, tick=tick)

@@ -1,0 +1,50 @@
+"""What the executor is given and what it gives back. Plain data: the runs app builds a
+BlockSpec from its rows, the executor never reads the database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+COMPLETED = "completed"
+FAILED = "failed"
+CONDITION_FAILED = "condition_failed"
+CANCELLED = "cancelled"
+
+
+@dataclass
+class UpstreamInput:
+    block_uuid: str
+    outputs: list[dict]  # metas from the variable store, in output order
+
+
+@dataclass
+class BlockSpec:
+    pipeline_uuid: str
+    block_uuid: str
+    block_type: str
+    language: str
+    content: str
+    configuration: dict = field(default_factory=dict)
+    inputs: list[UpstreamInput] = field(default_factory=list)
+    # Everything a block finds in kwargs except `logger` and `context`, JSON-able.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Variable-store prefix under which this attempt writes its outputs.
+    output_prefix: str = ""
+    timeout: float | None = None
+
+
+@dataclass
+class LogLine:
+    timestamp: float
+    level: str
+    message: str
+
+
+@dataclass
+class ExecutionResult:
+    status: str
+    outputs: list[dict] = field(default_factory=list)
+    error: str = ""
+    traceback: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)

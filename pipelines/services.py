@@ -1,0 +1,134 @@
+"""Every write to pipelines and blocks goes through here, so the admin, the import, the
+API and the pages all refuse the same bad input with the same message."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from pipelines import dag
+from pipelines.execution.checks import BlockCodeError, check_python_syntax
+from pipelines.models import Block, BlockEdge, BlockLanguage, BlockType, Pipeline, content_hash
+from pipelines.selectors import pipeline_graph
+
+PIPELINE_FIELDS = (
+    "name", "description", "tags", "type", "variables", "concurrency_config", "retry_config",
+    "cache_block_output_in_memory", "run_pipeline_in_one_process", "notification_config", "extra",
+)
+BLOCK_FIELDS = ("name", "type", "language", "content", "configuration", "retry_config", "timeout", "position", "extra")
+
+
+def _check_json_object(field: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ValidationError({field: f"{field} must be a JSON object, not {type(value).__name__}"})
+
+
+def validate_pipeline_fields(fields: Mapping[str, Any]) -> None:
+    for name in ("variables", "concurrency_config", "retry_config", "notification_config"):
+        if name in fields and fields[name] is not None:
+            _check_json_object(name, fields[name])
+    if "tags" in fields and not isinstance(fields["tags"], list):
+        raise ValidationError({"tags": "tags must be a list"})
+    for key in ("block_run_limit", "pipeline_run_limit"):
+        value = (fields.get("concurrency_config") or {}).get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValidationError({"concurrency_config": f"{key} must be a positive integer, not {value!r}"})
+
+
+def validate_block_fields(fields: Mapping[str, Any], *, label: str = "block") -> None:
+    if "type" in fields and fields["type"] not in BlockType.values:
+        raise ValidationError({"type": f"{label}: unknown block type {fields['type']!r}; expected one of {', '.join(BlockType.values)}"})
+    if "language" in fields and fields["language"] not in BlockLanguage.values:
+        raise ValidationError({"language": f"{label}: unknown language {fields['language']!r}"})
+    if "configuration" in fields and fields["configuration"] is not None:
+        _check_json_object("configuration", fields["configuration"])
+    if fields.get("retry_config") is not None:
+        _check_json_object("retry_config", fields["retry_config"])
+    timeout = fields.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0):
+        raise ValidationError({"timeout": f"{label}: timeout must be a positive number of seconds, not {timeout!r}"})
+    if fields.get("language", BlockLanguage.PYTHON) == BlockLanguage.PYTHON and "content" in fields:
+        try:
+            check_python_syntax(fields["content"] or "", filename=label)
+        except BlockCodeError as exc:
+            raise ValidationError({"content": str(exc)}) from None
+
+
+def pipeline_create(*, uuid: str, name: str = "", **fields: Any) -> Pipeline:
+    validate_pipeline_fields(fields)
+    pipeline = Pipeline(uuid=uuid, name=name or uuid, **fields)
+    pipeline.full_clean()
+    pipeline.save()
+    return pipeline
+
+
+def pipeline_update(pipeline: Pipeline, **fields: Any) -> Pipeline:
+    validate_pipeline_fields(fields)
+    for key, value in fields.items():
+        if key not in PIPELINE_FIELDS:
+            raise ValidationError({key: f"Unknown pipeline field {key!r}"})
+        setattr(pipeline, key, value)
+    pipeline.full_clean()
+    pipeline.save()
+    return pipeline
+
+
+def block_create(*, pipeline: Pipeline, uuid: str, type: str, upstream_blocks: Sequence[str] = (), **fields: Any) -> Block:
+    """Create a block and its upstream edges; refuses bad code and a cycle."""
+    fields = {"type": type, **fields}
+    validate_block_fields(fields, label=f"{type}/{uuid}")
+    with transaction.atomic():
+        block = Block(pipeline=pipeline, uuid=uuid, **fields)
+        block.content_hash = content_hash(block.content)
+        if "position" not in fields:
+            block.position = pipeline.blocks.count()
+        block.full_clean(exclude=["pipeline"])
+        block.save()
+        if upstream_blocks:
+            block_set_upstreams(block, upstream_blocks)
+    return block
+
+
+def block_update(block: Block, *, upstream_blocks: Sequence[str] | None = None, **fields: Any) -> Block:
+    merged = {"language": block.language, **fields}
+    validate_block_fields(merged, label=f"{fields.get('type', block.type)}/{block.uuid}")
+    with transaction.atomic():
+        for key, value in fields.items():
+            if key not in BLOCK_FIELDS:
+                raise ValidationError({key: f"Unknown block field {key!r}"})
+            setattr(block, key, value)
+        block.content_hash = content_hash(block.content)
+        block.full_clean(exclude=["pipeline"])
+        block.save()
+        if upstream_blocks is not None:
+            block_set_upstreams(block, upstream_blocks)
+    return block
+
+
+def block_set_upstreams(block: Block, upstream_blocks: Sequence[str]) -> None:
+    """Replace the block's upstream edges, in the order given. Refuses an unknown block,
+    a block listed twice, and an edge that would close a cycle (naming the cycle)."""
+    if len(set(upstream_blocks)) != len(upstream_blocks):
+        raise ValidationError({"upstream_blocks": f"{block.uuid}: an upstream block is listed twice: {list(upstream_blocks)}"})
+    with transaction.atomic():
+        by_uuid = {b.uuid: b for b in Block.objects.select_for_update().filter(pipeline_id=block.pipeline_id)}
+        missing = [u for u in upstream_blocks if u not in by_uuid]
+        if missing:
+            raise ValidationError({"upstream_blocks": f"{block.uuid}: unknown upstream block(s): {', '.join(missing)}"})
+        graph = pipeline_graph(block.pipeline_id)
+        graph[block.uuid] = list(upstream_blocks)
+        try:
+            dag.check_acyclic(graph)
+        except dag.CycleError as exc:
+            raise ValidationError({"upstream_blocks": str(exc)}) from None
+        BlockEdge.objects.filter(downstream=block).delete()
+        BlockEdge.objects.bulk_create(
+            BlockEdge(downstream=block, upstream=by_uuid[u], position=i) for i, u in enumerate(upstream_blocks)
+        )
+
+
+def block_delete(block: Block) -> None:
+    block.delete()

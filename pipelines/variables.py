@@ -1,0 +1,186 @@
+"""The variable store: a block run's outputs, written to files under MILLRACE_DATA_DIR.
+
+DataFrames go to Parquet (dtypes and index kept by pyarrow's pandas metadata), values
+that survive a JSON round trip unchanged go to JSON, anything else is pickled. Each value
+is described by a small dict (`meta`) that the caller keeps (BlockRun.outputs) and passes
+back to read it: the store itself keeps no index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+KIND_DATAFRAME = "dataframe"
+KIND_JSON = "json"
+KIND_PICKLE = "pickle"
+
+
+class VariableError(Exception):
+    pass
+
+
+def root() -> Path:
+    return Path(settings.MILLRACE_DATA_DIR)
+
+
+def _path(key: str) -> Path:
+    path = (root() / key).resolve()
+    base = root().resolve()
+    if base != path and base not in path.parents:
+        raise VariableError(f"Storage key {key!r} leaves the data directory")
+    return path
+
+
+def _is_dataframe(value: Any) -> bool:
+    # Checked by module name so that a block which never touches pandas does not pay
+    # for importing it here.
+    return type(value).__name__ == "DataFrame" and type(value).__module__.startswith("pandas")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _json_exact(value: Any) -> str | None:
+    """The JSON text of `value` if loading it gives back an equal value of the same
+    shape (tuples, int dict keys, NaN and sets would not), else None."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    try:
+        same = json.loads(text) == value and _same_shape(json.loads(text), value)
+    except Exception:  # noqa: BLE001 - a value whose __eq__ raises is simply not JSON-able
+        return None
+    return text if same else None
+
+
+def _same_shape(loaded: Any, value: Any) -> bool:
+    if type(loaded) is not type(value):
+        # JSON turns an int-valued float like 1.0 into 1.0 again, but a bool stays bool;
+        # any other type change (tuple -> list, subclass -> base) must not pass.
+        return False
+    if isinstance(value, dict):
+        return all(_same_shape(loaded[k], v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_same_shape(a, b) for a, b in zip(loaded, value, strict=True))
+    return True
+
+
+def write_value(prefix: str, name: str, value: Any) -> dict:
+    """Store one value under `prefix/name.*` and return its meta."""
+    if _is_dataframe(value):
+        meta = _write_dataframe(prefix, name, value)
+        if meta is not None:
+            return meta
+    text = _json_exact(value)
+    if text is not None:
+        key = f"{prefix}/{name}.json"
+        _atomic_write(_path(key), lambda p: p.write_text(text))
+        meta = {"name": name, "kind": KIND_JSON, "key": key, "type": type(value).__name__}
+        if isinstance(value, list | dict):
+            meta["shape"] = [len(value)]
+        return meta
+    key = f"{prefix}/{name}.pkl"
+    try:
+        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - report any pickling failure the same way
+        raise VariableError(f"Output {name} of type {type(value).__name__} cannot be stored: {exc}") from exc
+    _atomic_write(_path(key), lambda p: p.write_bytes(payload))
+    return {"name": name, "kind": KIND_PICKLE, "key": key, "type": f"{type(value).__module__}.{type(value).__name__}"}
+
+
+def _write_dataframe(prefix: str, name: str, df: Any) -> dict | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = f"{prefix}/{name}.parquet"
+    try:
+        table = pa.Table.from_pandas(df, preserve_index=None)
+    except (pa.ArrowException, TypeError, ValueError):
+        return None  # mixed-type object columns and the like: pickle keeps them as they are
+    _atomic_write(_path(key), lambda p: pq.write_table(table, p))
+    return {
+        "name": name,
+        "kind": KIND_DATAFRAME,
+        "key": key,
+        "type": "pandas.DataFrame",
+        "shape": [int(df.shape[0]), int(df.shape[1])],
+        "columns": [str(c) for c in df.columns],
+        "dtypes": {str(c): str(t) for c, t in df.dtypes.items()},
+    }
+
+
+def write_outputs(prefix: str, values: list) -> list[dict]:
+    return [write_value(prefix, f"output_{i}", value) for i, value in enumerate(values)]
+
+
+def read_value(meta: dict) -> Any:
+    path = _path(meta["key"])
+    kind = meta["kind"]
+    try:
+        if kind == KIND_DATAFRAME:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pandas()
+        if kind == KIND_JSON:
+            return json.loads(path.read_text())
+        if kind == KIND_PICKLE:
+            return pickle.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise VariableError(f"Stored output {meta.get('name')} is missing ({meta['key']}); it may have been cleaned") from exc
+    raise VariableError(f"Unknown output kind {kind!r}")
+
+
+def read_sample(meta: dict, sample_count: int) -> Any:
+    """The first `sample_count` rows (DataFrame) or items (list), reading only as much
+    of a Parquet file as those rows need."""
+    if meta["kind"] == KIND_DATAFRAME:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(_path(meta["key"]))
+        batches = []
+        remaining = sample_count
+        for batch in pf.iter_batches(batch_size=max(1, min(sample_count, 65536))):
+            batches.append(batch.slice(0, remaining))
+            remaining -= min(remaining, batch.num_rows)
+            if remaining <= 0:
+                break
+        table = pa.Table.from_batches(batches, schema=pf.schema_arrow) if batches else pf.schema_arrow.empty_table()
+        return table.to_pandas()
+    value = read_value(meta)
+    if isinstance(value, list):
+        return value[:sample_count]
+    return value
+
+
+def delete_prefix(prefix: str) -> None:
+    shutil.rmtree(_path(prefix), ignore_errors=True)
+
+
+def disk_usage(prefix: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(_path(prefix)):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+__all__ = [
+    "VariableError", "write_value", "write_outputs", "read_value", "read_sample",
+    "delete_prefix", "disk_usage", "root",
+]

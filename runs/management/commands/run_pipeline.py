@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from pipelines.models import Pipeline
+from runs import orchestrator
+from runs.models import PipelineRunStatus
+from runs.services import run_execute_sync, run_summary, run_wait
+
+TRACEBACK_LINES = 12
+
+
+class Command(BaseCommand):
+    help = "Run a pipeline and print each block's status. Exits 0 only when the run completed."
+
+    def add_arguments(self, parser):
+        parser.add_argument("uuid")
+        parser.add_argument("--runtime-vars", default=None, help='JSON object, e.g. \'{"k": "v"}\'')
+        parser.add_argument("--sync", action="store_true", help="Execute here, with no worker running.")
+        parser.add_argument("--timeout", type=float, default=None, help="Seconds to wait for the workers.")
+
+    def handle(self, *args, **opts):
+        pipeline = Pipeline.objects.filter(uuid=opts["uuid"]).first()
+        if pipeline is None:
+            raise CommandError(f"No pipeline {opts['uuid']!r}")
+        variables = _parse_vars(opts["runtime_vars"])
+        run = orchestrator.run_create(pipeline, variables=variables, start=not opts["sync"])
+        self.stdout.write(f"Run {run.pk} of {pipeline.uuid} created")
+        run = run_execute_sync(run) if opts["sync"] else run_wait(run, timeout=opts["timeout"])
+        self._report(run)
+        if run.status != PipelineRunStatus.COMPLETED:
+            raise SystemExit(1)
+
+    def _report(self, run) -> None:
+        for row in run_summary(run):
+            duration = f"{row['duration']:.3f}s" if row["duration"] is not None else "-"
+            self.stdout.write(f"  {row['block_uuid']:<32} {row['status']:<17} {duration}")
+            if row["error"] and row["status"] == "failed":
+                self.stdout.write(f"    error: {row['error']}")
+                if row["traceback"]:
+                    for line in row["traceback"].rstrip().splitlines()[-TRACEBACK_LINES:]:
+                        self.stdout.write(f"    {line}")
+        duration = f" in {run.duration:.3f}s" if run.duration is not None else ""
+        self.stdout.write(f"Run {run.pk} {run.status}{duration}")
+
+
+def _parse_vars(raw: str | None) -> dict:
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"--runtime-vars is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CommandError("--runtime-vars must be a JSON object")
+    return value

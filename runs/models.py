@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from pipelines.models import Pipeline
+
+
+class PipelineRunStatus(models.TextChoices):
+    INITIAL = "initial"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class BlockRunStatus(models.TextChoices):
+    INITIAL = "initial"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UPSTREAM_FAILED = "upstream_failed"
+    CONDITION_FAILED = "condition_failed"
+
+
+class RunType(models.TextChoices):
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+    API = "api"
+    EVENT = "event"
+    BACKFILL = "backfill"
+
+
+RUN_TERMINAL = frozenset({PipelineRunStatus.COMPLETED, PipelineRunStatus.FAILED, PipelineRunStatus.CANCELLED})
+BLOCK_ACTIVE = frozenset({BlockRunStatus.QUEUED, BlockRunStatus.RUNNING})
+BLOCK_TERMINAL = frozenset(
+    {
+        BlockRunStatus.COMPLETED,
+        BlockRunStatus.FAILED,
+        BlockRunStatus.CANCELLED,
+        BlockRunStatus.UPSTREAM_FAILED,
+        BlockRunStatus.CONDITION_FAILED,
+    }
+)
+
+
+class PipelineRun(models.Model):
+    pipeline = models.ForeignKey(Pipeline, on_delete=models.CASCADE, related_name="runs")
+    status = models.CharField(max_length=16, choices=PipelineRunStatus.choices, default=PipelineRunStatus.INITIAL)
+    run_type = models.CharField(max_length=16, choices=RunType.choices, default=RunType.MANUAL)
+    execution_date = models.DateTimeField(null=True, blank=True)
+    variables = models.JSONField(default=dict, blank=True)
+    event = models.JSONField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    passed_sla = models.BooleanField(default=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    metrics = models.JSONField(default=dict, blank=True)
+    # Set when ready blocks of this run wait for a slot of the global concurrency limit,
+    # so that a block finishing in another run knows to advance this one.
+    waiting_for_slot = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["-created_at"], name="pipelinerun_created"),
+            models.Index(fields=["status", "-created_at"], name="pipelinerun_status_created"),
+            models.Index(fields=["pipeline", "-created_at"], name="pipelinerun_pipeline_created"),
+            models.Index(fields=["pipeline", "status"], name="pipelinerun_pipeline_status"),
+            models.Index(
+                fields=["created_at"], name="pipelinerun_waiting_slot",
+                condition=models.Q(waiting_for_slot=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.pipeline_id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in RUN_TERMINAL
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at and self.completed_at:
+            return (self.completed_at - self.started_at).total_seconds()
+        return None
+
+
+class BlockRun(models.Model):
+    pipeline_run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="block_runs")
+    block_uuid = models.CharField(max_length=255)
+    block_type = models.CharField(max_length=32, blank=True, default="")
+    status = models.CharField(max_length=20, choices=BlockRunStatus.choices, default=BlockRunStatus.INITIAL)
+    attempt = models.PositiveIntegerField(default=0)
+    # The attempt that currently owns this block run; its writes count only while it
+    # still holds the claim (fencing against a redelivered task).
+    claim = models.CharField(max_length=32, blank=True, default="")
+    queued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=255, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    code_hash = models.CharField(max_length=16, blank=True, default="")
+    # [{"name": "output_0", "kind": "dataframe"|"json"|"pickle", "key": ..., "shape": ..., "columns": ...}]
+    outputs = models.JSONField(default=list, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    dynamic_parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="dynamic_children"
+    )
+    dynamic_index = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["pipeline_run_id", "id"]
+        indexes = [
+            # The global concurrency count and the reconcile pass read only active rows.
+            models.Index(
+                fields=["status", "heartbeat_at"], name="blockrun_active",
+                condition=models.Q(status__in=["queued", "running"]),
+            ),
+            models.Index(fields=["pipeline_run", "status"], name="blockrun_run_status"),
+            models.Index(fields=["status", "-created_at"], name="blockrun_status_created"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["pipeline_run", "block_uuid"], name="blockrun_one_per_block",
+                condition=models.Q(dynamic_parent__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.block_uuid} in run {self.pipeline_run_id} ({self.status})"
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at and self.completed_at:
+            return (self.completed_at - self.started_at).total_seconds()
+        return None
+
+
+class LogEntry(models.Model):
+    pipeline_run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="logs")
+    block_run = models.ForeignKey(BlockRun, null=True, blank=True, on_delete=models.CASCADE, related_name="logs")
+    timestamp = models.DateTimeField()
+    level = models.CharField(max_length=10, default="INFO")
+    message = models.TextField()
+    block_uuid = models.CharField(max_length=255, blank=True, default="")
+    block_type = models.CharField(max_length=32, blank=True, default="")
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name_plural = "log entries"
+        indexes = [
+            models.Index(fields=["pipeline_run", "id"], name="logentry_run"),
+            models.Index(fields=["pipeline_run", "block_uuid", "id"], name="logentry_run_block"),
+            models.Index(fields=["-timestamp"], name="logentry_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"[{self.level}] {self.message[:80]}"

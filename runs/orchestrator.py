@@ -1,0 +1,412 @@
+"""The run state machine: the one place where run and block-run statuses change.
+
+1. Create: `run_create` makes a run with one block run per executable block (`initial`).
+2. Advance: `advance` moves a run forward (see its docstring).
+3. Execute: `block_run_execute` claims a queued block run, runs its code in a child
+   process, and `_finish` records the result and advances the run in the same
+   transaction, so no polling gap separates one block from the next.
+4. Reconcile: `reconcile` repairs what a dead worker left behind.
+
+Every transition is a compare-and-swap (`filter(status=...).update(...)`) so that two
+workers, or a worker and a cancel, can never both win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid as uuidlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from pipelines import dag
+from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
+from pipelines.models import NON_EXECUTABLE_TYPES, Block, Pipeline
+from pipelines.selectors import pipeline_graph
+from runs.models import (
+    BLOCK_ACTIVE,
+    BLOCK_TERMINAL,
+    RUN_TERMINAL,
+    BlockRun,
+    BlockRunStatus,
+    LogEntry,
+    PipelineRun,
+    PipelineRunStatus,
+    RunType,
+)
+
+log = logging.getLogger(__name__)
+
+S = BlockRunStatus
+_FAILED_UPSTREAM = frozenset({S.FAILED, S.UPSTREAM_FAILED, S.CANCELLED})
+# Postgres advisory lock key guarding the global concurrency count ("millrace").
+_SLOTS_LOCK_KEY = 0x6D696C6C
+
+
+# --- 1. create -----------------------------------------------------------------------------
+
+def run_create(
+    pipeline: Pipeline,
+    *,
+    variables: dict[str, Any] | None = None,
+    run_type: str = RunType.MANUAL,
+    execution_date: datetime | None = None,
+    event: dict | None = None,
+    created_by: Any = None,
+    start: bool = True,
+) -> PipelineRun:
+    """Create a run of `pipeline`. `variables` are merged over the pipeline's (callers
+    that add a trigger's variables merge them first). With `start`, the first blocks are
+    queued and their tasks sent to the workers once the transaction commits."""
+    if variables is not None and not isinstance(variables, dict):
+        raise ValueError("variables must be a JSON object")
+    with transaction.atomic():
+        run = PipelineRun.objects.create(
+            pipeline=pipeline,
+            run_type=run_type,
+            execution_date=execution_date or timezone.now(),
+            variables={**(pipeline.variables or {}), **(variables or {})},
+            event=event,
+            created_by=created_by if getattr(created_by, "pk", None) else None,
+        )
+        blocks = Block.objects.filter(pipeline=pipeline).exclude(type__in=NON_EXECUTABLE_TYPES)
+        BlockRun.objects.bulk_create(
+            BlockRun(pipeline_run=run, block_uuid=uuid, block_type=btype)
+            for uuid, btype in blocks.values_list("uuid", "type")
+        )
+        if start:
+            dispatch(advance(run.pk))
+    return run
+
+
+# --- 2. advance ----------------------------------------------------------------------------
+
+def advance(run_id: int) -> list[int]:
+    """Move a run forward and return the ids of the block runs it queued. The caller
+    executes them or hands them to `dispatch`.
+
+    1. Lock the run's row; a finished run is left alone.
+    2. Walk the blocks in topological order: an `initial` block below a failed,
+       cancelled or upstream-failed block becomes `upstream_failed`; below a skipped
+       (condition-failed) block it is skipped too; with every upstream completed it is
+       ready.
+    3. Queue as many ready blocks as the pipeline's `block_run_limit` and the global
+       concurrency limit allow (counted from the database under a lock, never in memory).
+    4. Compute the run's status: finished when every block run is, failed when any
+       failed, otherwise running.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        run = _lock_run(run_id)
+        if run is None or run.status in RUN_TERMINAL:
+            return []
+        rows = list(BlockRun.objects.filter(pipeline_run_id=run_id, dynamic_parent__isnull=True).values_list("id", "block_uuid", "status"))
+        ids = {uuid: pk for pk, uuid, _ in rows}
+        status = {uuid: st for _, uuid, st in rows}
+        graph = pipeline_graph(run.pipeline_id)
+        ready, skipped, broken = _classify(graph, status)
+        if broken:
+            BlockRun.objects.filter(id__in=[ids[u] for u, _ in broken], status=S.INITIAL).update(
+                status=S.UPSTREAM_FAILED, completed_at=now, updated_at=now
+            )
+            LogEntry.objects.bulk_create(
+                _log_row(run_id, None, now, "WARNING", f"Block {u} not run: upstream block {up} did not complete", u)
+                for u, up in broken
+            )
+        if skipped:
+            BlockRun.objects.filter(id__in=[ids[u] for u in skipped], status=S.INITIAL).update(
+                status=S.CONDITION_FAILED, completed_at=now, updated_at=now
+            )
+        queued: list[int] = []
+        waiting = False
+        if ready:
+            room = _room_in_run(run.pipeline.block_run_limit, status)
+            if room > 0:
+                room = min(room, len(ready))
+                room, waiting = _take_global_slots(room)
+            queued = [ids[u] for u in ready[:room]]
+            if queued:
+                BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(status=S.QUEUED, queued_at=now, updated_at=now)
+                for u in ready[:room]:
+                    status[u] = S.QUEUED
+        _set_run_status(run, status, waiting, now)
+    return queued
+
+
+def _lock_run(run_id: int) -> PipelineRun | None:
+    qs = PipelineRun.objects.select_related("pipeline")
+    if connection.features.has_select_for_update:
+        qs = qs.select_for_update(of=("self",))
+    return qs.filter(pk=run_id).first()
+
+
+def _classify(graph: dict[str, list[str]], status: dict[str, str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Update `status` in place for blocks that cannot run, and return (ready,
+    skipped by a condition, [(upstream-failed block, the upstream that failed)])."""
+    ready: list[str] = []
+    skipped: list[str] = []
+    broken: list[tuple[str, str]] = []
+    sub = {u: [x for x in graph.get(u, []) if x in status] for u in status}
+    for uuid in dag.topological_order(sub):
+        if status[uuid] != S.INITIAL:
+            continue
+        ups = sub[uuid]
+        bad = next((u for u in ups if status[u] in _FAILED_UPSTREAM), None)
+        if bad is not None:
+            status[uuid] = S.UPSTREAM_FAILED
+            broken.append((uuid, bad))
+        elif any(status[u] == S.CONDITION_FAILED for u in ups):
+            status[uuid] = S.CONDITION_FAILED
+            skipped.append(uuid)
+        elif all(status[u] == S.COMPLETED for u in ups):
+            ready.append(uuid)
+    return ready, skipped, broken
+
+
+def _room_in_run(limit: int | None, status: dict[str, str]) -> int:
+    if not limit:
+        return len(status)
+    return limit - sum(1 for s in status.values() if s in BLOCK_ACTIVE)
+
+
+def _take_global_slots(wanted: int) -> tuple[int, bool]:
+    """How many of `wanted` blocks may be queued under the global limit, and whether some
+    ready blocks are left waiting for a slot. On PostgreSQL an advisory lock, held to the
+    end of the transaction, makes the count and the queueing one step across runs; SQLite
+    already runs one write transaction at a time."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_SLOTS_LOCK_KEY])
+    active = BlockRun.objects.filter(status__in=list(BLOCK_ACTIVE)).count()
+    free = max(0, settings.MILLRACE_CONCURRENCY - active)
+    granted = min(wanted, free)
+    return granted, granted < wanted
+
+
+def _set_run_status(run: PipelineRun, status: dict[str, str], waiting: bool, now: datetime) -> None:
+    changes: dict[str, Any] = {}
+    if all(s in BLOCK_TERMINAL for s in status.values()):
+        values = set(status.values())
+        if values & {S.FAILED, S.UPSTREAM_FAILED}:
+            final = PipelineRunStatus.FAILED
+        elif S.CANCELLED in values:
+            final = PipelineRunStatus.CANCELLED
+        else:
+            final = PipelineRunStatus.COMPLETED
+        changes.update(status=final, completed_at=now, waiting_for_slot=False)
+        if run.started_at is None:
+            changes["started_at"] = now
+        _log_run_end(run, final, status, now)
+    else:
+        if run.status == PipelineRunStatus.INITIAL:
+            changes.update(status=PipelineRunStatus.RUNNING, started_at=run.started_at or now)
+        if run.waiting_for_slot != waiting:
+            changes["waiting_for_slot"] = waiting
+    if changes:
+        PipelineRun.objects.filter(pk=run.pk).update(updated_at=now, **changes)
+        for key, value in changes.items():
+            setattr(run, key, value)
+
+
+def _log_run_end(run: PipelineRun, final: str, status: dict[str, str], now: datetime) -> None:
+    """Every finished run ends with a line that says how it ended and, if it failed, why."""
+    if final == PipelineRunStatus.COMPLETED:
+        message, level = "Run completed", "INFO"
+    else:
+        failed = [u for u, s in status.items() if s == S.FAILED]
+        level = "ERROR"
+        message = f"Run {final}" + (f": block{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed" if failed else "")
+    LogEntry.objects.create(pipeline_run_id=run.pk, timestamp=now, level=level, message=message)
+
+
+# --- 3. execute ----------------------------------------------------------------------------
+
+def dispatch(block_run_ids: list[int]) -> None:
+    """Send one task per queued block run to the workers, after the current transaction
+    commits (a worker must never see a block run before its row is committed)."""
+    if not block_run_ids:
+        return
+
+    def send() -> None:
+        from django_q.tasks import async_task
+
+        for pk in block_run_ids:
+            async_task("runs.tasks.block_run_execute", pk, hook=None, save=False)
+
+    transaction.on_commit(send)
+
+
+def worker_label() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def block_run_execute(block_run_id: int) -> list[int]:
+    """Claim a queued block run, run it in a child process, record the result, and advance
+    its run. Returns the block runs that the advance queued (not yet dispatched). A block
+    run that is not `queued` any more (run twice by a redelivered task, or cancelled) is
+    left alone."""
+    claim = uuidlib.uuid4().hex
+    now = timezone.now()
+    won = BlockRun.objects.filter(pk=block_run_id, status=S.QUEUED).update(
+        status=S.RUNNING, claim=claim, attempt=F("attempt") + 1, started_at=now,
+        heartbeat_at=now, completed_at=None, worker=worker_label(), error="", traceback="", updated_at=now,
+    )
+    if not won:
+        return []
+    block_run = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=block_run_id)
+    try:
+        spec = _spec(block_run)
+    except Exception as exc:  # noqa: BLE001 - a block that cannot even be prepared fails cleanly
+        return _finish(block_run, claim, ExecutionResult(status=S.FAILED, error=str(exc)))
+    logs = _LogWriter(block_run)
+
+    def tick() -> bool:
+        logs.flush()
+        return bool(BlockRun.objects.filter(pk=block_run_id, claim=claim, status=S.RUNNING).update(heartbeat_at=timezone.now()))
+
+    result = run_block(spec, on_log=logs.add, on_tick=tick, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
+    logs.flush()
+    return _finish(block_run, claim, result)
+
+
+def _spec(block_run: BlockRun) -> BlockSpec:
+    run = block_run.pipeline_run
+    pipeline = run.pipeline
+    block = Block.objects.filter(pipeline=pipeline, uuid=block_run.block_uuid).first()
+    if block is None:
+        raise LookupError(f"Block {block_run.block_uuid} no longer exists in pipeline {pipeline.uuid}")
+    BlockRun.objects.filter(pk=block_run.pk).update(code_hash=block.content_hash)
+    ups = list(block.upstream_edges.order_by("position").values_list("upstream__uuid", flat=True))
+    outputs = dict(
+        BlockRun.objects.filter(pipeline_run=run, block_uuid__in=ups, dynamic_parent__isnull=True).values_list("block_uuid", "outputs")
+    )
+    execution_date = run.execution_date or run.created_at
+    kwargs = {
+        **(run.variables or {}),
+        "execution_date": execution_date,
+        "ds": execution_date.strftime("%Y-%m-%d"),
+        "hr": execution_date.strftime("%H"),
+        "event": run.event or {},
+        "pipeline_uuid": pipeline.uuid,
+        "block_uuid": block.uuid,
+        "pipeline_run_id": run.pk,
+        "retry": {"attempts": block_run.attempt},
+    }
+    return BlockSpec(
+        pipeline_uuid=pipeline.uuid,
+        block_uuid=block.uuid,
+        block_type=block.type,
+        language=block.language,
+        content=block.content,
+        configuration=block.configuration or {},
+        inputs=[UpstreamInput(u, outputs.get(u) or []) for u in ups],
+        kwargs=kwargs,
+        output_prefix=f"pipeline_runs/{run.pk}/{block.uuid}/{block_run.claim}",
+        timeout=block.timeout,
+    )
+
+
+class _LogWriter:
+    """Collects a block's log lines and writes them in batches."""
+
+    BATCH = 500
+    EVERY = 0.5  # seconds
+
+    def __init__(self, block_run: BlockRun):
+        self.block_run = block_run
+        self.lines: list[LogLine] = []
+        self.last = time.monotonic()
+
+    def add(self, lines: list[LogLine]) -> None:
+        self.lines.extend(lines)
+        if len(self.lines) >= self.BATCH or time.monotonic() - self.last >= self.EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.lines:
+            return
+        br = self.block_run
+        rows = [
+            _log_row(br.pipeline_run_id, br.pk, datetime.fromtimestamp(line.timestamp, tz=UTC), line.level, line.message, br.block_uuid, br.block_type)
+            for line in self.lines
+        ]
+        self.lines = []
+        LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
+
+
+def _log_row(run_id: int, block_run_id: int | None, ts: datetime, level: str, message: str, block_uuid: str = "", block_type: str = "") -> LogEntry:
+    return LogEntry(
+        pipeline_run_id=run_id, block_run_id=block_run_id, timestamp=ts, level=level[:10],
+        message=message, block_uuid=block_uuid, block_type=block_type,
+    )
+
+
+def _finish(block_run: BlockRun, claim: str, result: ExecutionResult) -> list[int]:
+    """Record the result if this attempt still holds the claim, then advance the run in
+    the same transaction."""
+    now = timezone.now()
+    status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
+    with transaction.atomic():
+        won = BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(
+            status=status, completed_at=now, outputs=result.outputs, error=result.error[:10000],
+            traceback=result.traceback, metrics=result.metrics, updated_at=now,
+        )
+        if not won:
+            return []
+        if status == S.FAILED:
+            LogEntry.objects.create(
+                pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="ERROR",
+                message=f"Block {block_run.block_uuid} failed: {result.error}" + (f"\n{result.traceback}" if result.traceback else ""),
+                block_uuid=block_run.block_uuid, block_type=block_run.block_type,
+            )
+        return advance(block_run.pipeline_run_id)
+
+
+def wake_waiting_runs(limit: int = 20) -> list[int]:
+    """Advance runs whose ready blocks were waiting for a global slot; called when a
+    block finishes and frees one. Returns what they queued."""
+    queued: list[int] = []
+    waiting = PipelineRun.objects.filter(waiting_for_slot=True).order_by("created_at").values_list("id", flat=True)[:limit]
+    for run_id in waiting:
+        got = advance(run_id)
+        queued.extend(got)
+        if not got:
+            break
+    return queued
+
+
+# --- 4. reconcile --------------------------------------------------------------------------
+
+def reconcile(now: datetime | None = None) -> dict[str, int]:
+    """Repair what dead workers left: a running block run whose heartbeat is older than
+    the limit is failed; a queued one whose task went missing is sent again; a running
+    run with nothing active is advanced. Returns counts of what it did."""
+    now = now or timezone.now()
+    limit = timedelta(seconds=settings.MILLRACE_HEARTBEAT_LIMIT)
+    done = {"failed": 0, "requeued": 0, "advanced": 0}
+    stale = BlockRun.objects.filter(status=S.RUNNING, heartbeat_at__lt=now - limit).values_list("id", "claim")
+    for pk, claim in stale:
+        br = BlockRun.objects.get(pk=pk)
+        error = f"The worker running this block stopped heartbeating (last heartbeat {br.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead"
+        dispatch(_finish(br, claim, ExecutionResult(status=S.FAILED, error=error)))
+        done["failed"] += 1
+    lost = list(BlockRun.objects.filter(status=S.QUEUED, queued_at__lt=now - limit).values_list("id", flat=True))
+    if lost:
+        BlockRun.objects.filter(id__in=lost, status=S.QUEUED).update(queued_at=now)
+        dispatch(lost)
+        done["requeued"] = len(lost)
+    idle = PipelineRun.objects.filter(status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING]).exclude(
+        block_runs__status__in=list(BLOCK_ACTIVE)
+    ).values_list("id", flat=True)
+    for run_id in idle:
+        dispatch(advance(run_id))
+        done["advanced"] += 1
+    return done

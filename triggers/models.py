@@ -1,0 +1,1 @@
+"""Triggers (schedules, events, API calls) and backfills arrive with the triggers issue."""
