@@ -85,7 +85,7 @@ def block_create(*, pipeline: Pipeline, uuid: str, type: str, upstream_blocks: S
         block.content_hash = content_hash(block.content)
         if "position" not in fields:
             block.position = pipeline.blocks.count()
-        block.full_clean(exclude=["pipeline"])
+        block.full_clean()
         block.save()
         if upstream_blocks:
             block_set_upstreams(block, upstream_blocks)
@@ -101,7 +101,7 @@ def block_update(block: Block, *, upstream_blocks: Sequence[str] | None = None, 
                 raise ValidationError({key: f"Unknown block field {key!r}"})
             setattr(block, key, value)
         block.content_hash = content_hash(block.content)
-        block.full_clean(exclude=["pipeline"])
+        block.full_clean()
         block.save()
         if upstream_blocks is not None:
             block_set_upstreams(block, upstream_blocks)

@@ -20,6 +20,7 @@ from django.conf import settings
 KIND_DATAFRAME = "dataframe"
 KIND_JSON = "json"
 KIND_PICKLE = "pickle"
+ROW_GROUP_ROWS = 65536
 
 
 class VariableError(Exception):
@@ -113,7 +114,8 @@ def _write_dataframe(prefix: str, name: str, df: Any) -> dict | None:
         table = pa.Table.from_pandas(df, preserve_index=None)
     except (pa.ArrowException, TypeError, ValueError):
         return None  # mixed-type object columns and the like: pickle keeps them as they are
-    _atomic_write(_path(key), lambda p: pq.write_table(table, p))
+    # Row groups of 64k rows let a sample read stop after the first group.
+    _atomic_write(_path(key), lambda p: pq.write_table(table, p, row_group_size=ROW_GROUP_ROWS))
     return {
         "name": name,
         "kind": KIND_DATAFRAME,
@@ -153,7 +155,8 @@ def read_sample(meta: dict, sample_count: int) -> Any:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(_path(meta["key"]))
+        # pre_buffer=False: pyarrow would otherwise read every row group up front.
+        pf = pq.ParquetFile(_path(meta["key"]), pre_buffer=False)
         batches = []
         remaining = sample_count
         for batch in pf.iter_batches(batch_size=max(1, min(sample_count, 65536))):

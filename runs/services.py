@@ -7,7 +7,7 @@ from collections import deque
 from typing import Any
 
 from runs import orchestrator
-from runs.models import RUN_TERMINAL, PipelineRun
+from runs.models import RUN_TERMINAL, BlockRunStatus, PipelineRun
 
 
 def run_execute_sync(run: PipelineRun, *, poll: float = 0.05) -> PipelineRun:
@@ -21,6 +21,12 @@ def run_execute_sync(run: PipelineRun, *, poll: float = 0.05) -> PipelineRun:
         run.refresh_from_db()
         if run.status in RUN_TERMINAL:
             return run
+        # Queued block runs of this run that nobody executes (queued by an earlier,
+        # interrupted call): this process is their executor now.
+        orphans = list(run.block_runs.filter(status=BlockRunStatus.QUEUED).values_list("id", flat=True))
+        if orphans:
+            pending.extend(orphans)
+            continue
         time.sleep(poll)
         pending.extend(orchestrator.advance(run.pk))
 

@@ -13,6 +13,7 @@ connections it inherits belong to the parent.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -31,7 +32,13 @@ LogSink = Callable[[list[LogLine]], None]
 # (the block run was cancelled or lost its claim).
 Tick = Callable[[], bool]
 
+log = logging.getLogger(__name__)
+
 _MAX_LINE = 64 * 1024
+# Heavy libraries a child may import. When a child reports it used one, the parent
+# imports it too, so that later children find it loaded instead of paying the import
+# (half a second for pandas) each time.
+_PRELOADABLE = ("numpy", "pandas", "pyarrow", "pyarrow.parquet", "duckdb")
 
 
 class _PipeLogHandler(logging.Handler):
@@ -61,16 +68,25 @@ def _child(spec: BlockSpec, msg_fd: int, run: Callable[..., ExecutionResult]) ->
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         messages = open(msg_fd, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
+        # A crash in C code dumps the Python stack into the block's own stderr (its log),
+        # not into whatever file the parent's fault handler writes to.
+        faulthandler.enable(file=sys.stderr)
         logger = logging.Logger(f"millrace.block.{spec.block_uuid}", logging.DEBUG)
         handler = _PipeLogHandler(messages)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         result = run(spec, logger, {})
+        result.metrics["peak_memory_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result.metrics["loaded"] = [m for m in _PRELOADABLE if m in sys.modules]
+        payload = json.dumps({"t": "result", "result": result.__dict__}, default=str) + "\n"
+        # Output first, result last: once the parent has the result it has everything.
         sys.stdout.flush()
         sys.stderr.flush()
-        result.metrics["peak_memory_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        messages.write(json.dumps({"t": "result", "result": result.__dict__}, default=str) + "\n")
+        os.close(1)
+        os.close(2)
+        messages.write(payload)
         messages.flush()
+        os.close(msg_fd)  # the parent sees the end now, not after the process teardown
     except BaseException:  # noqa: BLE001 - whatever happens, the child must end here
         code = 70
     finally:
@@ -99,6 +115,7 @@ def run_in_child(
     ends, its timeout passes, or `on_tick` asks to stop."""
     sys.stdout.flush()
     sys.stderr.flush()
+    _reap_finished()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     msg_r, msg_w = os.pipe()
@@ -125,10 +142,41 @@ def run_in_child(
         pass
     for fd in (out_w, err_w, msg_w):
         os.close(fd)
-    return _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick)
+    result = _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick)
+    _preload(result.metrics.pop("loaded", None) or [])
+    return result
+
+
+def _preload(modules: list[str]) -> None:
+    for name in modules:
+        if name in _PRELOADABLE and name not in sys.modules:
+            try:
+                __import__(name)
+            except Exception:  # noqa: BLE001 - only an optimisation
+                log.debug("could not preload %s", name)
+
+
+# After the child has sent its result, how long to keep reading output that
+# processes it started may still write to inherited stdout before we stop listening.
+_GRACE = 0.2
+# Children whose result arrived; reaped later without waiting for their teardown.
+_unreaped: list[int] = []
+
+
+def _reap_finished() -> None:
+    for pid in list(_unreaped):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _unreaped.remove(pid)
 
 
 def _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick) -> ExecutionResult:
+    """Read the child's pipes until it has finished, enforcing its timeout and calling
+    `on_tick`. The child closes stdout and stderr before it writes its result, so the
+    result is the last thing to arrive and nothing waits for the process teardown."""
     selector = selectors.DefaultSelector()
     buffers = {out_r: b"", err_r: b"", msg_r: b""}
     levels = {out_r: "INFO", err_r: "WARNING"}
@@ -139,72 +187,92 @@ def _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick) -
     killed_because = ""
     deadline = started + spec.timeout if spec.timeout else None
     next_tick = started + tick
+    ended_at: float | None = None  # when the message pipe closed (the child is done)
     pending: list[LogLine] = []
     try:
         while selector.get_map():
             now = time.monotonic()
-            wait = next_tick - now
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            events = selector.select(timeout=max(0.0, wait))
-            for key, _mask in events:
+            waits = [next_tick - now]
+            if deadline is not None and not killed_because:
+                waits.append(deadline - now)
+            if ended_at is not None:
+                if now >= ended_at + _GRACE:
+                    break
+                waits.append(ended_at + _GRACE - now)
+            for key, _mask in selector.select(timeout=max(0.0, min(waits))):
                 fd = key.fd
                 chunk = os.read(fd, 65536)
-                if not chunk:
-                    selector.unregister(fd)
-                    os.close(fd)
-                    if buffers[fd]:
-                        result = _take_line(fd, buffers[fd], msg_r, levels, pending, result)
-                    buffers[fd] = b""
-                    if fd == msg_r:
-                        # The child has ended. Anything it started that still holds
-                        # stdout open would keep us reading forever: end it now.
-                        _kill_group(pid)
+                if chunk:
+                    buffers[fd] = _split_lines(fd, buffers[fd] + chunk, msg_r, levels, pending)
                     continue
-                data = buffers[fd] + chunk
-                *lines, rest = data.split(b"\n")
-                if len(rest) > _MAX_LINE:  # a huge line without newline: flush it as is
-                    lines.append(rest)
-                    rest = b""
-                buffers[fd] = rest
-                for line in lines:
-                    result = _take_line(fd, line, msg_r, levels, pending, result)
+                selector.unregister(fd)
+                os.close(fd)
+                if buffers[fd]:
+                    _take_line(fd, buffers[fd], msg_r, levels, pending)
+                    buffers[fd] = b""
+                if fd == msg_r:
+                    ended_at = time.monotonic()
+                    # Anything the block started and left behind goes with it.
+                    _kill_group(pid)
+            result = _pop_result(pending) or result
             if pending:
                 on_log(pending)
                 pending = []
             now = time.monotonic()
-            if deadline is not None and now >= deadline and not killed_because:
+            if deadline is not None and now >= deadline and not killed_because and ended_at is None:
                 killed_because = f"Timed out after {spec.timeout:g} s; the block's processes were killed"
                 _kill_group(pid)
             if now >= next_tick:
                 next_tick = now + tick
-                if on_tick is not None and not killed_because and not on_tick():
+                if on_tick is not None and not killed_because and ended_at is None and not on_tick():
                     killed_because = "cancelled"
                     _kill_group(pid)
     finally:
         for fd in list(selector.get_map() or {}):
             os.close(fd)
         selector.close()
-        # Every pipe is closed: the child has ended, or we are leaving on an error and
-        # must not leave it behind. Either way nothing of its group may outlive it.
         _kill_group(pid)
-        _, status = os.waitpid(pid, 0)
+    if result is not None and not killed_because:
+        _unreaped.append(pid)
+        _reap_finished()
+        return ExecutionResult(**result)
+    _, status = os.waitpid(pid, 0)
     return _result(spec, status, result, killed_because, started)
 
 
-def _take_line(fd, line: bytes, msg_r, levels, pending: list[LogLine], result):
+def _split_lines(fd: int, data: bytes, msg_r: int, levels, pending: list) -> bytes:
+    """Take the complete lines out of `data`, return the incomplete rest. Output lines
+    longer than _MAX_LINE are cut; result and logger messages never are."""
+    *lines, rest = data.split(b"\n")
+    if fd != msg_r and len(rest) > _MAX_LINE:
+        lines.append(rest)
+        rest = b""
+    for line in lines:
+        _take_line(fd, line, msg_r, levels, pending)
+    return rest
+
+
+def _pop_result(pending: list) -> dict | None:
+    for i, item in enumerate(pending):
+        if isinstance(item, dict):
+            del pending[i]
+            return item
+    return None
+
+
+def _take_line(fd: int, line: bytes, msg_r: int, levels, pending: list) -> None:
     if fd == msg_r:
         try:
             message = json.loads(line)
         except ValueError:
-            return result
+            return
         if message.get("t") == "result":
-            return message["result"]
-        pending.append(LogLine(message.get("ts", time.time()), message.get("level", "INFO"), message.get("msg", "")))
-        return result
+            pending.append(message["result"])
+        else:
+            pending.append(LogLine(message.get("ts", time.time()), message.get("level", "INFO"), message.get("msg", "")))
+        return
     text = line.decode("utf-8", errors="replace").rstrip("\r")
     pending.append(LogLine(time.time(), levels[fd], text))
-    return result
 
 
 def _kill_group(pid: int) -> None:

@@ -187,7 +187,7 @@ def execute(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) ->
             metrics={"duration": time.monotonic() - started},
         )
     _callbacks(found, ("on_success", "callback"), kwargs, logger, status=COMPLETED)
-    rows = sum(m["shape"][0] for m in metas if m.get("shape"))
+    rows = sum(m["shape"][0] for m in metas if m["kind"] == variables.KIND_DATAFRAME)
     return ExecutionResult(
         status=COMPLETED, outputs=metas,
         metrics={"duration": time.monotonic() - started, "outputs": len(metas), "rows": rows},

@@ -1,0 +1,39 @@
+# The two commands of the quickstart: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test install lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Web (ASGI), a django-q2 worker cluster and the scheduler, together; Ctrl-C stops all.
+run: $(STAMP)
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py ensure_admin
+	$(BIN)/python manage.py import_mage_project examples
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	@echo "Millrace at http://127.0.0.1:$${MILLRACE_PORT:-8000}/ (Ctrl-C stops web, worker and scheduler)"
+	$(BIN)/honcho start -f Procfile
+
+# The whole suite; against PostgreSQL when DATABASE_URL says so, else SQLite.
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+bench: $(STAMP)
+	$(BIN)/python bench/block_overhead.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info
