@@ -78,12 +78,18 @@ class WorkerCluster:
     def stop(self) -> str:
         assert self.proc is not None
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            # SIGTERM to the cluster's main process only: it stops its workers itself.
+            # Signalling the whole group at once makes django-q2 wait for its timeouts.
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left behind
+        except ProcessLookupError:
+            pass
         out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
         return out
 
