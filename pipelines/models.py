@@ -56,6 +56,9 @@ class Pipeline(models.Model):
     # Keys of a Mage metadata.yaml that Millrace does not interpret, kept so that an
     # export writes back what was imported.
     extra = models.JSONField(default=dict, blank=True)
+    # Bumped by the services on every change to the pipeline's blocks or edges, so that
+    # workers can keep the definition in memory and know when to read it again.
+    version = models.PositiveIntegerField(default=1, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

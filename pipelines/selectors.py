@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pipelines.models import Block, BlockEdge
+from dataclasses import dataclass, field
+
+from pipelines.models import NON_EXECUTABLE_TYPES, Block, BlockEdge
 
 
 def pipeline_graph(pipeline_id: int) -> dict[str, list[str]]:
@@ -18,3 +20,49 @@ def pipeline_graph(pipeline_id: int) -> dict[str, list[str]]:
 
 def block_upstream_uuids(block: Block) -> list[str]:
     return list(block.upstream_edges.order_by("position").values_list("upstream__uuid", flat=True))
+
+
+@dataclass(frozen=True)
+class BlockDefinition:
+    uuid: str
+    type: str
+    language: str
+    content: str
+    content_hash: str
+    configuration: dict
+    timeout: int | None
+    upstreams: tuple[str, ...]
+
+    @property
+    def executable(self) -> bool:
+        return self.type not in NON_EXECUTABLE_TYPES
+
+
+@dataclass(frozen=True)
+class PipelineDefinition:
+    pipeline_id: int
+    version: int
+    blocks: dict[str, BlockDefinition] = field(default_factory=dict)
+    # {uuid: [upstream uuids in edge order]}; callers must not change it.
+    graph: dict[str, list[str]] = field(default_factory=dict)
+
+
+# Definitions by pipeline id, valid while the pipeline's version is unchanged. Each
+# worker process keeps its own; advancing a run then costs no query for the graph.
+_definitions: dict[int, PipelineDefinition] = {}
+
+
+def pipeline_definition(pipeline_id: int, version: int) -> PipelineDefinition:
+    """The blocks and edges of a pipeline at `version` (read from the pipeline row by
+    the caller), from memory when this process has already read that version."""
+    cached = _definitions.get(pipeline_id)
+    if cached is not None and cached.version == version:
+        return cached
+    graph = pipeline_graph(pipeline_id)
+    rows = Block.objects.filter(pipeline_id=pipeline_id).values_list(
+        "uuid", "type", "language", "content", "content_hash", "configuration", "timeout"
+    )
+    blocks = {row[0]: BlockDefinition(*row, upstreams=tuple(graph[row[0]])) for row in rows}
+    definition = PipelineDefinition(pipeline_id=pipeline_id, version=version, blocks=blocks, graph=graph)
+    _definitions[pipeline_id] = definition
+    return definition

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import F
 
 from pipelines import dag
 from pipelines.execution.checks import BlockCodeError, check_python_syntax
@@ -76,6 +77,10 @@ def pipeline_update(pipeline: Pipeline, **fields: Any) -> Pipeline:
     return pipeline
 
 
+def _bump_version(pipeline_id: int) -> None:
+    Pipeline.objects.filter(pk=pipeline_id).update(version=F("version") + 1)
+
+
 def block_create(*, pipeline: Pipeline, uuid: str, type: str, upstream_blocks: Sequence[str] = (), **fields: Any) -> Block:
     """Create a block and its upstream edges; refuses bad code and a cycle."""
     fields = {"type": type, **fields}
@@ -87,6 +92,7 @@ def block_create(*, pipeline: Pipeline, uuid: str, type: str, upstream_blocks: S
             block.position = pipeline.blocks.count()
         block.full_clean()
         block.save()
+        _bump_version(pipeline.pk)
         if upstream_blocks:
             block_set_upstreams(block, upstream_blocks)
     return block
@@ -103,6 +109,7 @@ def block_update(block: Block, *, upstream_blocks: Sequence[str] | None = None, 
         block.content_hash = content_hash(block.content)
         block.full_clean()
         block.save()
+        _bump_version(block.pipeline_id)
         if upstream_blocks is not None:
             block_set_upstreams(block, upstream_blocks)
     return block
@@ -128,7 +135,10 @@ def block_set_upstreams(block: Block, upstream_blocks: Sequence[str]) -> None:
         BlockEdge.objects.bulk_create(
             BlockEdge(downstream=block, upstream=by_uuid[u], position=i) for i, u in enumerate(upstream_blocks)
         )
+        _bump_version(block.pipeline_id)
 
 
 def block_delete(block: Block) -> None:
-    block.delete()
+    with transaction.atomic():
+        block.delete()
+        _bump_version(block.pipeline_id)

@@ -29,7 +29,7 @@ from django.utils import timezone
 from pipelines import dag
 from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
 from pipelines.models import NON_EXECUTABLE_TYPES, Block, Pipeline
-from pipelines.selectors import pipeline_graph
+from pipelines.selectors import BlockDefinition, pipeline_definition
 from runs.models import (
     BLOCK_ACTIVE,
     BLOCK_TERMINAL,
@@ -110,7 +110,7 @@ def advance(run_id: int) -> list[int]:
         rows = list(BlockRun.objects.filter(pipeline_run_id=run_id, dynamic_parent__isnull=True).values_list("id", "block_uuid", "status"))
         ids = {uuid: pk for pk, uuid, _ in rows}
         status = {uuid: st for _, uuid, st in rows}
-        graph = pipeline_graph(run.pipeline_id)
+        graph = pipeline_definition(run.pipeline_id, run.pipeline.version).graph
         ready, skipped, broken = _classify(graph, status)
         if broken:
             BlockRun.objects.filter(id__in=[ids[u] for u, _ in broken], status=S.INITIAL).update(
@@ -261,32 +261,29 @@ def block_run_execute(block_run_id: int) -> list[int]:
     if not won:
         return []
     block_run = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=block_run_id)
-    try:
-        spec = _spec(block_run)
-    except Exception as exc:  # noqa: BLE001 - a block that cannot even be prepared fails cleanly
-        return _finish(block_run, claim, ExecutionResult(status=S.FAILED, error=str(exc)))
+    run = block_run.pipeline_run
+    block = pipeline_definition(run.pipeline_id, run.pipeline.version).blocks.get(block_run.block_uuid)
+    if block is None:
+        error = f"Block {block_run.block_uuid} no longer exists in pipeline {run.pipeline.uuid}"
+        return _finish(block_run, claim, ExecutionResult(status=S.FAILED, error=error))
     logs = _LogWriter(block_run)
 
     def tick() -> bool:
         logs.flush()
         return bool(BlockRun.objects.filter(pk=block_run_id, claim=claim, status=S.RUNNING).update(heartbeat_at=timezone.now()))
 
-    result = run_block(spec, on_log=logs.add, on_tick=tick, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
+    result = run_block(_spec(block_run, block), on_log=logs.add, on_tick=tick, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
     logs.flush()
-    return _finish(block_run, claim, result)
+    return _finish(block_run, claim, result, code_hash=block.content_hash)
 
 
-def _spec(block_run: BlockRun) -> BlockSpec:
+def _spec(block_run: BlockRun, block: BlockDefinition) -> BlockSpec:
     run = block_run.pipeline_run
-    pipeline = run.pipeline
-    block = Block.objects.filter(pipeline=pipeline, uuid=block_run.block_uuid).first()
-    if block is None:
-        raise LookupError(f"Block {block_run.block_uuid} no longer exists in pipeline {pipeline.uuid}")
-    BlockRun.objects.filter(pk=block_run.pk).update(code_hash=block.content_hash)
-    ups = list(block.upstream_edges.order_by("position").values_list("upstream__uuid", flat=True))
-    outputs = dict(
-        BlockRun.objects.filter(pipeline_run=run, block_uuid__in=ups, dynamic_parent__isnull=True).values_list("block_uuid", "outputs")
-    )
+    outputs: dict[str, list[dict]] = {}
+    if block.upstreams:
+        outputs = dict(
+            BlockRun.objects.filter(pipeline_run=run, block_uuid__in=block.upstreams, dynamic_parent__isnull=True).values_list("block_uuid", "outputs")
+        )
     execution_date = run.execution_date or run.created_at
     kwargs = {
         **(run.variables or {}),
@@ -294,19 +291,19 @@ def _spec(block_run: BlockRun) -> BlockSpec:
         "ds": execution_date.strftime("%Y-%m-%d"),
         "hr": execution_date.strftime("%H"),
         "event": run.event or {},
-        "pipeline_uuid": pipeline.uuid,
+        "pipeline_uuid": run.pipeline.uuid,
         "block_uuid": block.uuid,
         "pipeline_run_id": run.pk,
         "retry": {"attempts": block_run.attempt},
     }
     return BlockSpec(
-        pipeline_uuid=pipeline.uuid,
+        pipeline_uuid=run.pipeline.uuid,
         block_uuid=block.uuid,
         block_type=block.type,
         language=block.language,
         content=block.content,
         configuration=block.configuration or {},
-        inputs=[UpstreamInput(u, outputs.get(u) or []) for u in ups],
+        inputs=[UpstreamInput(u, outputs.get(u) or []) for u in block.upstreams],
         kwargs=kwargs,
         output_prefix=f"pipeline_runs/{run.pk}/{block.uuid}/{block_run.claim}",
         timeout=block.timeout,
@@ -349,15 +346,15 @@ def _log_row(run_id: int, block_run_id: int | None, ts: datetime, level: str, me
     )
 
 
-def _finish(block_run: BlockRun, claim: str, result: ExecutionResult) -> list[int]:
-    """Record the result if this attempt still holds the claim, then advance the run in
-    the same transaction."""
+def _finish(block_run: BlockRun, claim: str, result: ExecutionResult, code_hash: str = "") -> list[int]:
+    """Record the result (and the hash of the code that ran) if this attempt still holds
+    the claim, then advance the run in the same transaction."""
     now = timezone.now()
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
     with transaction.atomic():
         won = BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(
             status=status, completed_at=now, outputs=result.outputs, error=result.error[:10000],
-            traceback=result.traceback, metrics=result.metrics, updated_at=now,
+            traceback=result.traceback, metrics=result.metrics, code_hash=code_hash, updated_at=now,
         )
         if not won:
             return []

@@ -1,0 +1,137 @@
+"""Orchestration cost per block: chains of 10 and 50 no-op Python blocks and a fan-out
+of 50, run (a) by `run_pipeline --sync` as a whole process and (b) through the worker
+path (enqueue, `qcluster` workers, completion) on the configured database.
+
+    .venv/bin/python bench/block_overhead.py [--repeat 5] [--workers 2]
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/millrace_bench .venv/bin/python bench/block_overhead.py
+
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from _setup import ROOT, setup
+
+LOADER = "@data_loader\ndef load(*args, **kwargs):\n    return 1\n"
+STEP = "@transformer\ndef step(*args, **kwargs):\n    return 1\n"
+PEAK_RSS = (
+    "import resource, subprocess, sys;"
+    "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL);"
+    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def build() -> dict[str, str]:
+    from pipelines import services
+    from pipelines.models import Pipeline
+
+    shapes = {"bench_chain_10": ("chain", 10), "bench_chain_50": ("chain", 50), "bench_fan_out_50": ("fan", 50)}
+    for uuid, (shape, n) in shapes.items():
+        Pipeline.objects.filter(uuid=uuid).delete()
+        pipeline = services.pipeline_create(uuid=uuid)
+        services.block_create(pipeline=pipeline, uuid="b000", type="data_loader", content=LOADER)
+        for i in range(1, n + (1 if shape == "fan" else 0)):
+            up = "b000" if shape == "fan" else f"b{i - 1:03d}"
+            services.block_create(pipeline=pipeline, uuid=f"b{i:03d}", type="transformer", content=STEP, upstream_blocks=[up])
+    return {uuid: shape for uuid, (shape, _) in shapes.items()}
+
+
+def sync_run(uuid: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, sys.executable, "manage.py", "run_pipeline", uuid, "--sync"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    elapsed = time.perf_counter() - started
+    if out[0] != "0":
+        raise SystemExit(f"run_pipeline {uuid} --sync did not complete")
+    return elapsed, int(out[1])
+
+
+def worker_run(uuid: str) -> float:
+    from pipelines.models import Pipeline
+    from runs import orchestrator
+    from runs.models import PipelineRun
+
+    pipeline = Pipeline.objects.get(uuid=uuid)
+    started = time.perf_counter()
+    run = orchestrator.run_create(pipeline)
+    while True:
+        status = PipelineRun.objects.filter(pk=run.pk).values_list("status", flat=True)[0]
+        if status in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - started
+    if status != "completed":
+        raise SystemExit(f"{uuid} through the workers ended {status}")
+    return elapsed
+
+
+def start_cluster(workers: int) -> subprocess.Popen:
+    env = dict(os.environ, MILLRACE_WORKERS=str(workers))
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    return proc
+
+
+def stop_cluster(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    setup()
+    from django.db import connection
+
+    shapes = build()
+    print(f"database: {connection.vendor}; {os.cpu_count()} cores; median of {args.repeat} runs")
+
+    print("\n(a) run_pipeline --sync, whole process (start-up included)")
+    sync: dict[str, float] = {}
+    for uuid in shapes:
+        sync_run(uuid)  # warm the page cache
+        samples = [sync_run(uuid) for _ in range(args.repeat)]
+        sync[uuid] = statistics.median(s[0] for s in samples)
+        peak = max(s[1] for s in samples) / 1024
+        print(f"  {uuid:<18} {sync[uuid]:7.3f} s   peak RSS {peak:6.1f} MiB")
+    per_block = (sync["bench_chain_50"] - sync["bench_chain_10"]) / 40 * 1000
+    print(f"  per-block cost (t50 - t10) / 40: {per_block:.2f} ms")
+
+    print(f"\n(b) through the workers ({args.workers} qcluster workers), enqueue to completed")
+    cluster = start_cluster(args.workers)
+    try:
+        worker_run("bench_chain_10")  # waits for the cluster to come up
+        timed: dict[str, float] = {}
+        for uuid in shapes:
+            samples = [worker_run(uuid) for _ in range(args.repeat)]
+            timed[uuid] = statistics.median(samples)
+            print(f"  {uuid:<18} {timed[uuid]:7.3f} s   (min {min(samples):.3f}, max {max(samples):.3f})")
+        per_block = (timed["bench_chain_50"] - timed["bench_chain_10"]) / 40 * 1000
+        print(f"  per-block cost (t50 - t10) / 40: {per_block:.2f} ms")
+    finally:
+        stop_cluster(cluster)
+
+
+if __name__ == "__main__":
+    main()
