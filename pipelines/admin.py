@@ -42,7 +42,20 @@ def _upstream_list(block: Block) -> str:
     return ", ".join(edge.upstream.uuid for edge in block.upstream_edges.all()) or "-"
 
 
-class BlockInline(admin.TabularInline):
+class ViewOnly:
+    """Shown, never added, changed or deleted from this admin page."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class BlockInline(ViewOnly, admin.TabularInline):
     """The pipeline's blocks, read-only: a block is edited on its own page, where its
     code and edges are validated by the service."""
 
@@ -56,14 +69,6 @@ class BlockInline(admin.TabularInline):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Block]:
         return super().get_queryset(request).prefetch_related(_upstream_edges_prefetch())
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="uuid")
     def block_link(self, block: Block) -> str:

@@ -21,6 +21,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from pipelines.admin import ViewOnly
 from pipelines.models import BlockType, Pipeline
 from runs.models import BlockRun, BlockRunStatus, LogEntry, PipelineRun
 
@@ -60,22 +61,12 @@ def _count_block_runs(**filters: Any) -> Coalesce:
     return Coalesce(Subquery(rows, output_field=IntegerField()), 0)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(ViewOnly, admin.ModelAdmin):
     """View-only in the admin. Actions that operate on rows (retry, cancel) will be
     declared with `@admin.action(permissions=["operate"])` and a
     `has_operate_permission` method, so they do not depend on the change permission
-    that stays off here."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # Old runs are removed with `manage.py prune_runs`, never one by one while a
-        # worker may still be writing them.
-        return False
+    that stays off here. Deleting is off too: old runs are to be removed by
+    `manage.py prune_runs` (to come), never one by one while a worker may be writing them."""
 
 
 class _ValueFilter(admin.SimpleListFilter):
@@ -148,7 +139,7 @@ class _FirstRowsFormSet(BaseInlineFormSet):
         return self._limited
 
 
-class BlockRunInline(admin.TabularInline):
+class BlockRunInline(ViewOnly, admin.TabularInline):
     model = BlockRun
     formset = _FirstRowsFormSet
     fields = ("block_link", "block_type", "status", "attempt", "started_at", "completed_at", "duration", "error_short")
@@ -158,14 +149,6 @@ class BlockRunInline(admin.TabularInline):
     can_delete = False
     verbose_name_plural = f"block runs (the first {BLOCK_RUNS_SHOWN})"
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="block")
     def block_link(self, br: BlockRun) -> str:
