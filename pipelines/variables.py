@@ -27,8 +27,17 @@ class VariableError(Exception):
     pass
 
 
+_root_override: Path | None = None
+
+
+def use_root(path: str | Path | None) -> None:
+    """Make this process's store use `path` instead of MILLRACE_DATA_DIR (block children)."""
+    global _root_override
+    _root_override = Path(path) if path else None
+
+
 def root() -> Path:
-    return Path(settings.MILLRACE_DATA_DIR)
+    return _root_override or Path(settings.MILLRACE_DATA_DIR)
 
 
 def _path(key: str) -> Path:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 # Imported here, in the parent, so that each forked child finds them loaded instead of
 # importing them again (which would cost more than the fork itself).
+from pipelines import variables
 from pipelines.execution import python
 from pipelines.execution.process import LogSink, Tick, run_in_child
 from pipelines.execution.spec import FAILED, BlockSpec, ExecutionResult, LogLine, UpstreamInput
@@ -21,4 +23,8 @@ def _dispatch(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) 
 
 
 def run_block(spec: BlockSpec, *, on_log: LogSink, on_tick: Tick | None = None, tick: float = 2.0) -> ExecutionResult:
+    if not spec.data_dir:
+        spec.data_dir = str(variables.root())
+    if spec.environ is None:
+        spec.environ = dict(os.environ)
     return run_in_child(spec, _dispatch, on_log=on_log, on_tick=on_tick, tick=tick)

@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import pickle
 import resource
 import selectors
 import signal
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from pipelines.execution.forkserver import ForkServer, ForkServerError
 from pipelines.execution.spec import CANCELLED, FAILED, BlockSpec, ExecutionResult, LogLine
 
 # Called with new log lines; the caller batches them into its store.
@@ -56,25 +58,29 @@ class _PipeLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def _child(spec: BlockSpec, msg_fd: int, run: Callable[..., ExecutionResult]) -> None:
-    """Body of the forked child. Never returns."""
+def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) -> None:
+    """Body of a block's child process: read the spec, run it, send the result, exit.
+    Never returns. Its stdout and stderr (fds 1 and 2) are already the pipes."""
     code = 0
     try:
         # The inherited objects go to the permanent generation, so that a collection in
-        # the child never walks (and copies, page by page) the parent's whole heap.
+        # the child never walks (and copies, page by page) the whole inherited heap.
         gc.freeze()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        _forget_parent_connections()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         messages = open(msg_fd, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
-        # A crash in C code dumps the Python stack into the block's own stderr (its log),
-        # not into whatever file the parent's fault handler writes to.
+        # A crash in C code dumps the Python stack into the block's own stderr (its log).
         faulthandler.enable(file=sys.stderr)
+        spec = _read_spec(spec_fd)
+        if spec is None:  # the parent gave up before sending it
+            os._exit(0)
+        if spec.environ is not None:
+            os.environ.clear()
+            os.environ.update(spec.environ)
         logger = logging.Logger(f"millrace.block.{spec.block_uuid}", logging.DEBUG)
         handler = _PipeLogHandler(messages)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -97,6 +103,21 @@ def _child(spec: BlockSpec, msg_fd: int, run: Callable[..., ExecutionResult]) ->
         os._exit(code)
 
 
+def _read_spec(fd: int) -> BlockSpec | None:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return pickle.loads(b"".join(chunks)) if chunks else None
+
+
+def _prepare_server() -> None:
+    """Runs once in a new fork server."""
+    _forget_parent_connections()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _forget_parent_connections() -> None:
     try:
         from django.db import connections
@@ -107,6 +128,48 @@ def _forget_parent_connections() -> None:
         conn.connection = None
 
 
+# One fork server per orchestrating process and `run` function.
+_servers: dict[Callable[..., ExecutionResult], ForkServer] = {}
+
+
+def _server(run: Callable[..., ExecutionResult]) -> ForkServer:
+    server = _servers.get(run)
+    if server is not None and not server.alive() and server.owner == os.getpid():
+        try:
+            os.waitpid(server.pid, os.WNOHANG)  # reap the one that ended
+        except ChildProcessError:
+            pass
+    if server is None or not server.alive():
+        server = ForkServer(lambda spec_fd, msg_fd: _child_main(spec_fd, msg_fd, run), _prepare_server)
+        _servers[run] = server
+    return server
+
+
+def _spawn(run: Callable[..., ExecutionResult]) -> tuple[ForkServer, int, int, int, int, int]:
+    """A started child: (server, pid, spec_w, out_r, err_r, msg_r)."""
+    for attempt in (1, 2):
+        server = _server(run)
+        server.forget_exits()
+        spec_r, spec_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        msg_r, msg_w = os.pipe()
+        try:
+            pid = server.spawn([spec_r, out_w, err_w, msg_w])
+        except ForkServerError:
+            for fd in (spec_r, spec_w, out_r, out_w, err_r, err_w, msg_r, msg_w):
+                os.close(fd)
+            server.close()
+            _servers.pop(run, None)
+            if attempt == 2:
+                raise
+            continue
+        for fd in (spec_r, out_w, err_w, msg_w):
+            os.close(fd)
+        return server, pid, spec_w, out_r, err_r, msg_r
+    raise AssertionError("unreachable")
+
+
 def run_in_child(
     spec: BlockSpec,
     run: Callable[..., ExecutionResult],
@@ -115,69 +178,39 @@ def run_in_child(
     on_tick: Tick | None = None,
     tick: float = 2.0,
 ) -> ExecutionResult:
-    """Fork, run `run(spec, logger, context)` in the child, and supervise it until it
+    """Run `run(spec, logger, context)` in a child process and supervise it until it
     ends, its timeout passes, or `on_tick` asks to stop."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    _reap_finished()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    msg_r, msg_w = os.pipe()
+    payload = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+    server, pid, spec_w, out_r, err_r, msg_r = _spawn(run)
     started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.setpgid(0, 0)
-            os.close(out_r)
-            os.close(err_r)
-            os.close(msg_r)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            os.close(out_w)
-            os.close(err_w)
-        except BaseException:  # noqa: BLE001
-            os._exit(70)
-        _child(spec, msg_w, run)
-    # Parent. setpgid on both sides closes the race where we would kill before the
-    # child has made its own group.
     try:
-        os.setpgid(pid, pid)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(spec_w, view):]
     except OSError:
-        pass
-    for fd in (out_w, err_w, msg_w):
-        os.close(fd)
+        pass  # the child died at once; the supervisor reports how
+    finally:
+        os.close(spec_w)
     result = _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick)
-    _preload(result.metrics.pop("loaded", None) or [])
+    if result is None:
+        result = _result(spec, server.exit_status(pid), started)
+    loaded = [m for m in (result.metrics.pop("loaded", None) or []) if m not in _preloaded]
+    if loaded:
+        _preloaded.update(loaded)
+        server.preload(loaded)
     return result
 
 
-def _preload(modules: list[str]) -> None:
-    for name in modules:
-        if name in _PRELOADABLE and name not in sys.modules:
-            try:
-                __import__(name)
-            except Exception:  # noqa: BLE001 - only an optimisation
-                log.debug("could not preload %s", name)
+# Heavy modules the fork server has been asked to import already.
+_preloaded: set[str] = set()
 
 
 # After the child has sent its result, how long to keep reading output that
 # processes it started may still write to inherited stdout before we stop listening.
 _GRACE = 0.2
-# Children whose result arrived; reaped later without waiting for their teardown.
-_unreaped: list[int] = []
 
 
-def _reap_finished() -> None:
-    for pid in list(_unreaped):
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            _unreaped.remove(pid)
-
-
-def _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick) -> ExecutionResult:
+def _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick) -> ExecutionResult | None:
     """Read the child's pipes until it has finished, enforcing its timeout and calling
     `on_tick`. The child closes stdout and stderr before it writes its result, so the
     result is the last thing to arrive and nothing waits for the process teardown."""
@@ -236,12 +269,14 @@ def _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick) -
             os.close(fd)
         selector.close()
         _kill_group(pid)
-    if result is not None and not killed_because:
-        _unreaped.append(pid)
-        _reap_finished()
+    duration = time.monotonic() - started
+    if killed_because == "cancelled":
+        return ExecutionResult(status=CANCELLED, error="Cancelled; the block's processes were killed", metrics={"duration": duration})
+    if killed_because:
+        return ExecutionResult(status=FAILED, error=killed_because, metrics={"duration": duration})
+    if result is not None:
         return ExecutionResult(**result)
-    _, status = os.waitpid(pid, 0)
-    return _result(spec, status, result, killed_because, started)
+    return None  # ended without a result: the caller asks how
 
 
 def _split_lines(fd: int, data: bytes, msg_r: int, levels, pending: list) -> bytes:
@@ -286,15 +321,12 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _result(spec: BlockSpec, status: int, result: dict | None, killed_because: str, started: float) -> ExecutionResult:
+def _result(spec: BlockSpec, status: int | None, started: float) -> ExecutionResult:
+    """The result of a child that ended without sending one, from its wait status."""
     duration = time.monotonic() - started
-    if killed_because == "cancelled":
-        return ExecutionResult(status=CANCELLED, error="Cancelled; the block's processes were killed", metrics={"duration": duration})
-    if killed_because:
-        return ExecutionResult(status=FAILED, error=killed_because, metrics={"duration": duration})
-    if result is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        return ExecutionResult(**result)
-    if os.WIFSIGNALED(status):
+    if status is None:
+        reason = "The block's process ended without a result"
+    elif os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
             name = signal.Signals(sig).name

@@ -156,6 +156,7 @@ def execute(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) ->
     """Run the block: conditions, main function (sensor polling), tests, callbacks;
     store the outputs. Never raises: a failure is a result."""
     started = time.monotonic()
+    variables.use_root(spec.data_dir)
     filename = block_filename(spec)
     kwargs = dict(spec.kwargs, logger=logger, context=context, configuration=spec.configuration)
     found: dict[str, list[Callable[..., Any]]] = {}

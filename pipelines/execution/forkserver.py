@@ -1,0 +1,240 @@
+"""A fork server: one idle helper process that forks the block children.
+
+Forking from the orchestrating process itself is what made a block slow: after every
+fork, each page that process writes (and Python writes to every object it touches, to
+count references) has to be copied on its next write, and the child's exit contends with
+it for the same memory maps. Measured on a 2-core machine, an empty fork per block cost
+the orchestrator about 10 ms a block, twice the orchestration itself.
+
+So each orchestrating process forks once, a server that then does nothing but fork:
+its pages stay shared and untouched, and the orchestrator never forks again. The server
+keeps one child forked ahead, waiting, so a block does not wait for a fork either.
+
+Protocol, over a SOCK_SEQPACKET socket pair:
+- client -> server: b"spawn" with four file descriptors (the spec pipe's read end and
+  the write ends of stdout, stderr and the message pipe); the server answers b"pid N".
+- client -> server: b"preload mod1 mod2": import modules so later children have them.
+- server -> client: b"exit PID STATUS" whenever a child ends (the server reaps them).
+- EOF from the client (it exited): the server kills its children's groups and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+_MAX_MESSAGE = 256
+
+
+class ForkServerError(OSError):
+    pass
+
+
+class ForkServer:
+    def __init__(self, child_main: Callable[[int, int], None], prepare: Callable[[], None]):
+        """`prepare()` runs once in the server right after it is forked; `child_main(
+        spec_fd, msg_fd)` runs in each child with fds 1 and 2 already its pipes, and must
+        not return."""
+        self.owner = os.getpid()
+        self.exits: dict[int, int] = {}
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                self.sock.close()
+                prepare()
+                _Server(theirs, child_main).serve()
+            except BaseException:  # noqa: BLE001 - the server ends here whatever happens
+                code = 70
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+
+    def alive(self) -> bool:
+        return self.owner == os.getpid() and self.sock.fileno() >= 0
+
+    def spawn(self, fds: list[int]) -> int:
+        """Start a child with these four descriptors; returns its pid."""
+        try:
+            socket.send_fds(self.sock, [b"spawn"], fds)
+            while True:
+                message = self._receive(timeout=30.0)
+                if message.startswith(b"pid "):
+                    return int(message.split()[1])
+        except OSError as exc:
+            raise ForkServerError(f"fork server failed: {exc}") from exc
+
+    def preload(self, modules: list[str]) -> None:
+        try:
+            self.sock.send(("preload " + " ".join(modules)).encode())
+        except OSError:
+            pass
+
+    def exit_status(self, pid: int, timeout: float = 10.0) -> int | None:
+        """The wait status of child `pid`, waiting up to `timeout` for it to end."""
+        try:
+            while pid not in self.exits:
+                self._receive(timeout=timeout)
+        except (OSError, TimeoutError):
+            return None
+        return self.exits.pop(pid)
+
+    def forget_exits(self) -> None:
+        """Read the exit notices waiting on the socket (children whose result arrived
+        need no status), so they never fill its buffer."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self._record(self.sock.recv(_MAX_MESSAGE))
+        except (BlockingIOError, InterruptedError):
+            pass
+        finally:
+            self.sock.setblocking(True)
+        self.exits.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _receive(self, timeout: float) -> bytes:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            raise TimeoutError("no answer from the fork server")
+        message = self.sock.recv(_MAX_MESSAGE)
+        if not message:
+            raise ForkServerError("the fork server has ended")
+        self._record(message)
+        return message
+
+    def _record(self, message: bytes) -> None:
+        if not message:
+            raise ForkServerError("the fork server has ended")
+        if message.startswith(b"exit "):
+            _, pid, status = message.split()
+            self.exits[int(pid)] = int(status)
+
+
+class _Server:
+    """The server's loop. It keeps one child forked ahead; on a spawn request it hands
+    that child its descriptors and forks the next."""
+
+    def __init__(self, sock: socket.socket, child_main: Callable[[int, int], None]):
+        self.sock = sock
+        self.child_main = child_main
+        self.children: set[int] = set()
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the client to handle
+        self.ahead: tuple[int, socket.socket] | None = None
+
+    def serve(self) -> None:
+        self.ahead = self._fork_ahead()
+        try:
+            while True:
+                try:
+                    ready, _, _ = select.select([self.sock, self.wake_r], [], [])
+                except InterruptedError:
+                    continue
+                if self.wake_r in ready:
+                    os.read(self.wake_r, 512)
+                    self._reap()
+                if self.sock in ready and not self._request():
+                    return
+        finally:
+            for pid in self.children:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def _request(self) -> bool:
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(self.sock, _MAX_MESSAGE, 4)
+        except ConnectionResetError:
+            return False
+        if not message:
+            return False
+        if message == b"spawn":
+            pid, channel = self.ahead or self._fork_ahead()
+            self.ahead = None
+            socket.send_fds(channel, [b"go"], fds)
+            channel.close()
+            for fd in fds:
+                os.close(fd)
+            self.sock.send(f"pid {pid}".encode())
+            self.ahead = self._fork_ahead()
+        elif message.startswith(b"preload "):
+            for name in message.decode().split()[1:]:
+                try:
+                    __import__(name)
+                except Exception:  # noqa: BLE001 - only an optimisation
+                    pass
+            # The child forked ahead does not have them: replace it.
+            if self.ahead is not None:
+                pid, channel = self.ahead
+                channel.close()  # it reads EOF and exits
+                self.ahead = self._fork_ahead()
+        return True
+
+    def _fork_ahead(self) -> tuple[int, socket.socket]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.setpgid(0, 0)
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                self.sock.close()
+                mine.close()
+                os.close(self.wake_r)
+                if self.ahead is not None:
+                    self.ahead[1].close()
+                _, fds, _, _ = socket.recv_fds(theirs, _MAX_MESSAGE, 4)
+                theirs.close()
+                if len(fds) != 4:  # discarded before it was used
+                    os._exit(0)
+                spec_r, out_w, err_w, msg_w = fds
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                os.close(out_w)
+                os.close(err_w)
+                self.child_main(spec_r, msg_w)
+            except BaseException:  # noqa: BLE001
+                code = 70
+            finally:
+                os._exit(code)
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        theirs.close()
+        self.children.add(pid)
+        return pid, mine
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            try:
+                self.sock.send(f"exit {pid} {status}".encode())
+            except OSError:
+                return
+
+
+__all__ = ["ForkServer", "ForkServerError"]
