@@ -6,6 +6,7 @@ import time
 from collections import deque
 from typing import Any
 
+from pipelines import execution
 from runs import orchestrator
 from runs.models import RUN_TERMINAL, BlockRunStatus, PipelineRun
 
@@ -14,6 +15,7 @@ def run_execute_sync(run: PipelineRun, *, poll: float = 0.05) -> PipelineRun:
     """Execute a run in this process, block after block (each still in its own child
     process and through the orchestrator), with no worker needed. If the global limit
     keeps blocks waiting on other runs, it polls until a slot frees."""
+    execution.prepare()
     pending: deque[int] = deque(orchestrator.advance(run.pk))
     while True:
         while pending:

@@ -10,10 +10,10 @@ from typing import Any
 # importing them again (which would cost more than the fork itself).
 from pipelines import variables
 from pipelines.execution import python
-from pipelines.execution.process import LogSink, Tick, run_in_child
+from pipelines.execution.process import LogSink, Tick, run_in_child, start_server
 from pipelines.execution.spec import FAILED, BlockSpec, ExecutionResult, LogLine, UpstreamInput
 
-__all__ = ["BlockSpec", "ExecutionResult", "LogLine", "UpstreamInput", "run_block", "LogSink", "Tick"]
+__all__ = ["BlockSpec", "ExecutionResult", "LogLine", "UpstreamInput", "run_block", "prepare", "LogSink", "Tick"]
 
 
 def _dispatch(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) -> ExecutionResult:
@@ -28,3 +28,9 @@ def run_block(spec: BlockSpec, *, on_log: LogSink, on_tick: Tick | None = None, 
     if spec.environ is None:
         spec.environ = dict(os.environ)
     return run_in_child(spec, _dispatch, on_log=on_log, on_tick=on_tick, tick=tick)
+
+
+
+def prepare() -> None:
+    """Start the process that forks block children, ahead of the first block."""
+    start_server(_dispatch)

@@ -1,14 +1,16 @@
-"""A fork server: one idle helper process that forks the block children.
+"""A fork server: one small helper process that forks the block children.
 
-Forking from the orchestrating process itself is what made a block slow: after every
-fork, each page that process writes (and Python writes to every object it touches, to
-count references) has to be copied on its next write, and the child's exit contends with
-it for the same memory maps. Measured on a 2-core machine, an empty fork per block cost
-the orchestrator about 10 ms a block, twice the orchestration itself.
+Forking from the orchestrating process itself made a block slow: after a fork, every
+page the orchestrator writes (and Python writes to each object it touches, to count
+references) must first be copied, and on this kind of virtual machine a page fault is
+dear. Measured on a 2-core machine, an empty fork per block cost the orchestrator about
+10 ms a block, twice the orchestration itself, and a quarter of a second more when the
+process exited.
 
-So each orchestrating process forks once, a server that then does nothing but fork:
-its pages stay shared and untouched, and the orchestrator never forks again. The server
-keeps one child forked ahead, waiting, so a block does not wait for a fork either.
+So the orchestrator never forks. It starts this module as a new interpreter (with
+`subprocess`, which uses vfork: nothing is shared, nothing copied), which imports only the
+block executor, not Django's app registry. The server forks the children, one ahead
+and waiting so that a block does not wait for a fork, and reaps them.
 
 Protocol, over a SOCK_SEQPACKET socket pair:
 - client -> server: b"spawn" with four file descriptors (the spec pipe's read end and
@@ -20,12 +22,17 @@ Protocol, over a SOCK_SEQPACKET socket pair:
 
 from __future__ import annotations
 
+import importlib
 import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
+
+_ENTRY = "import sys; from pipelines.execution.forkserver import main; main(sys.argv)"
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _MAX_MESSAGE = 256
 
@@ -35,31 +42,22 @@ class ForkServerError(OSError):
 
 
 class ForkServer:
-    def __init__(self, child_main: Callable[[int, int], None], prepare: Callable[[], None]):
-        """`prepare()` runs once in the server right after it is forked; `child_main(
-        spec_fd, msg_fd)` runs in each child with fds 1 and 2 already its pipes, and must
-        not return."""
+    def __init__(self, run_path: str):
+        """Start a server whose children run the block function named by `run_path`
+        ("package.module:function", called as function(spec, logger, context))."""
         self.owner = os.getpid()
         self.exits: dict[int, int] = {}
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                self.sock.close()
-                prepare()
-                _Server(theirs, child_main).serve()
-            except BaseException:  # noqa: BLE001 - the server ends here whatever happens
-                code = 70
-            finally:
-                os._exit(code)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ENTRY, str(theirs.fileno()), run_path],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd=_ROOT,
+        )
         theirs.close()
-        self.pid = pid
+        self.pid = self.proc.pid
 
     def alive(self) -> bool:
-        return self.owner == os.getpid() and self.sock.fileno() >= 0
+        return self.owner == os.getpid() and self.sock.fileno() >= 0 and self.proc.poll() is None
 
     def spawn(self, fds: list[int]) -> int:
         """Start a child with these four descriptors; returns its pid."""
@@ -102,6 +100,10 @@ class ForkServer:
 
     def close(self) -> None:
         self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
     def _receive(self, timeout: float) -> bytes:
         ready, _, _ = select.select([self.sock], [], [], timeout)
@@ -237,4 +239,16 @@ class _Server:
                 return
 
 
-__all__ = ["ForkServer", "ForkServerError"]
+def main(argv: list[str]) -> None:
+    fd, run_path = int(argv[1]), argv[2]
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    module, _, name = run_path.partition(":")
+    run = getattr(importlib.import_module(module), name)
+    from pipelines.execution.process import _child_main, warm_up
+
+    # Run a trivial block once here, so that each child inherits warm caches (compiled
+    # regexes, signature machinery) instead of building them again.
+    warm_up(run)
+    _Server(socket.socket(fileno=fd), lambda spec_fd, msg_fd: _child_main(spec_fd, msg_fd, run)).serve()
+

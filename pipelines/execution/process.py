@@ -111,37 +111,19 @@ def _read_spec(fd: int) -> BlockSpec | None:
     return pickle.loads(b"".join(chunks)) if chunks else None
 
 
-def _prepare_server() -> None:
-    """Runs once in a new fork server."""
-    _forget_parent_connections()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _forget_parent_connections() -> None:
-    try:
-        from django.db import connections
-    except ImportError:
-        return
-    for conn in connections.all(initialized_only=True):
-        # Dropped, not closed: closing would end the parent's session on the server.
-        conn.connection = None
-
-
 # One fork server per orchestrating process and `run` function.
-_servers: dict[Callable[..., ExecutionResult], ForkServer] = {}
+_servers: dict[str, ForkServer] = {}
 
 
 def _server(run: Callable[..., ExecutionResult]) -> ForkServer:
-    server = _servers.get(run)
-    if server is not None and not server.alive() and server.owner == os.getpid():
-        try:
-            os.waitpid(server.pid, os.WNOHANG)  # reap the one that ended
-        except ChildProcessError:
-            pass
+    """The fork server for `run`, a module-level function the server imports by name."""
+    path = f"{run.__module__}:{run.__qualname__}"
+    server = _servers.get(path)
     if server is None or not server.alive():
-        server = ForkServer(lambda spec_fd, msg_fd: _child_main(spec_fd, msg_fd, run), _prepare_server)
-        _servers[run] = server
+        if server is not None and server.owner == os.getpid():
+            server.close()
+        server = ForkServer(path)
+        _servers[path] = server
     return server
 
 
@@ -160,7 +142,6 @@ def _spawn(run: Callable[..., ExecutionResult]) -> tuple[ForkServer, int, int, i
             for fd in (spec_r, spec_w, out_r, out_w, err_r, err_w, msg_r, msg_w):
                 os.close(fd)
             server.close()
-            _servers.pop(run, None)
             if attempt == 2:
                 raise
             continue
@@ -199,6 +180,20 @@ def run_in_child(
         _preloaded.update(loaded)
         server.preload(loaded)
     return result
+
+
+def warm_up(run: Callable[..., ExecutionResult]) -> None:
+    """Exercise the executor on a block that writes nothing."""
+    spec = BlockSpec("warm-up", "warm_up", "custom", "python", "@custom\ndef warm_up(*args, **kwargs):\n    return None\n", data_dir=os.devnull)
+    try:
+        run(spec, logging.Logger("warm-up"), {})
+    except Exception:  # noqa: BLE001 - only an optimisation
+        pass
+
+
+def start_server(run: Callable[..., ExecutionResult]) -> None:
+    """Start the fork server now, so that it is ready when the first block comes."""
+    _server(run)
 
 
 # Heavy modules the fork server has been asked to import already.
