@@ -1,14 +1,14 @@
 """Run a block in a child process and supervise it.
 
-The child is forked from the caller (a django-q2 worker or `run_pipeline --sync`): a fork
-costs a millisecond or two, where starting a new interpreter and importing Django costs
-hundreds. The child leads its own process group, so a timeout or a cancel kills the
-block together with any processes it started, and a crash in user code (a segfault,
-`os._exit`) ends only the child. Memory the block used goes back when the child exits.
+The child comes from the fork server (forkserver.py), which forks it in a millisecond
+or two, where starting a new interpreter and importing the executor costs a hundred.
+The child leads its own process group, so a timeout or a cancel kills the block together
+with any processes it started, and a crash in user code (a segfault, `os._exit`) ends
+only the child. Memory the block used goes back when the child exits.
 
-The child's stdout and stderr are pipes read line by line; its `logger` and its final
-result travel as JSON lines on a third pipe. The child never uses the database: the
-connections it inherits belong to the parent.
+The spec arrives on a pipe. The child's stdout and stderr are pipes read here line by
+line; its `logger` and its final result travel as JSON lines on a third pipe. The child
+never uses the database.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ LogSink = Callable[[list[LogLine]], None]
 # (the block run was cancelled or lost its claim).
 Tick = Callable[[], bool]
 
-log = logging.getLogger(__name__)
 
 _MAX_LINE = 64 * 1024
-# Heavy libraries a child may import. When a child reports it used one, the parent
+# Heavy libraries a child may import. When a child reports it used one, the fork server
 # imports it too, so that later children find it loaded instead of paying the import
 # (half a second for pandas) each time.
 _PRELOADABLE = ("numpy", "pandas", "pyarrow", "pyarrow.parquet", "duckdb")
@@ -174,7 +173,7 @@ def run_in_child(
         os.close(spec_w)
     result = _supervise(spec, pid, out_r, err_r, msg_r, started, on_log, on_tick, tick)
     if result is None:
-        result = _result(spec, server.exit_status(pid), started)
+        result = _result(server.exit_status(pid), started)
     loaded = [m for m in (result.metrics.pop("loaded", None) or []) if m not in _preloaded]
     if loaded:
         _preloaded.update(loaded)
@@ -316,7 +315,7 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _result(spec: BlockSpec, status: int | None, started: float) -> ExecutionResult:
+def _result(status: int | None, started: float) -> ExecutionResult:
     """The result of a child that ended without sending one, from its wait status."""
     duration = time.monotonic() - started
     if status is None:
