@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipelines import dag
 from pipelines.models import NON_EXECUTABLE_TYPES, Block, BlockEdge
 
 
@@ -45,6 +46,8 @@ class PipelineDefinition:
     blocks: dict[str, BlockDefinition] = field(default_factory=dict)
     # {uuid: [upstream uuids in edge order]}; callers must not change it.
     graph: dict[str, list[str]] = field(default_factory=dict)
+    # The blocks in topological order, computed once per version for `advance`.
+    order: tuple[str, ...] = ()
 
 
 # Definitions by pipeline id, valid while the pipeline's version is unchanged. Each
@@ -63,6 +66,8 @@ def pipeline_definition(pipeline_id: int, version: int) -> PipelineDefinition:
         "uuid", "type", "language", "content", "content_hash", "configuration", "timeout"
     )
     blocks = {row[0]: BlockDefinition(*row, upstreams=tuple(graph[row[0]])) for row in rows}
-    definition = PipelineDefinition(pipeline_id=pipeline_id, version=version, blocks=blocks, graph=graph)
+    definition = PipelineDefinition(
+        pipeline_id=pipeline_id, version=version, blocks=blocks, graph=graph, order=tuple(dag.topological_order(graph))
+    )
     _definitions[pipeline_id] = definition
     return definition

@@ -26,10 +26,9 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from pipelines import dag
 from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
 from pipelines.models import NON_EXECUTABLE_TYPES, Block, Pipeline
-from pipelines.selectors import BlockDefinition, pipeline_definition
+from pipelines.selectors import BlockDefinition, PipelineDefinition, pipeline_definition
 from runs.models import (
     BLOCK_ACTIVE,
     BLOCK_TERMINAL,
@@ -110,8 +109,7 @@ def advance(run_id: int) -> list[int]:
         rows = list(BlockRun.objects.filter(pipeline_run_id=run_id, dynamic_parent__isnull=True).values_list("id", "block_uuid", "status"))
         ids = {uuid: pk for pk, uuid, _ in rows}
         status = {uuid: st for _, uuid, st in rows}
-        graph = pipeline_definition(run.pipeline_id, run.pipeline.version).graph
-        ready, skipped, broken = _classify(graph, status)
+        ready, skipped, broken = _classify(pipeline_definition(run.pipeline_id, run.pipeline.version), status)
         if broken:
             BlockRun.objects.filter(id__in=[ids[u] for u, _ in broken], status=S.INITIAL).update(
                 status=S.UPSTREAM_FAILED, completed_at=now, updated_at=now
@@ -147,17 +145,20 @@ def _lock_run(run_id: int) -> PipelineRun | None:
     return qs.filter(pk=run_id).first()
 
 
-def _classify(graph: dict[str, list[str]], status: dict[str, str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+def _classify(definition: PipelineDefinition, status: dict[str, str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Update `status` in place for blocks that cannot run, and return (ready,
     skipped by a condition, [(upstream-failed block, the upstream that failed)])."""
     ready: list[str] = []
     skipped: list[str] = []
     broken: list[tuple[str, str]] = []
-    sub = {u: [x for x in graph.get(u, []) if x in status] for u in status}
-    for uuid in dag.topological_order(sub):
+    # Block runs of blocks deleted since the run began come last, with no upstreams:
+    # they run and fail with "no longer exists" rather than wait forever.
+    order = [u for u in definition.order if u in status]
+    order += [u for u in status if u not in definition.graph]
+    for uuid in order:
         if status[uuid] != S.INITIAL:
             continue
-        ups = sub[uuid]
+        ups = [u for u in definition.graph.get(uuid, ()) if u in status]
         bad = next((u for u in ups if status[u] in _FAILED_UPSTREAM), None)
         if bad is not None:
             status[uuid] = S.UPSTREAM_FAILED
@@ -389,20 +390,20 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     limit = timedelta(seconds=settings.MILLRACE_HEARTBEAT_LIMIT)
     done = {"failed": 0, "requeued": 0, "advanced": 0}
-    stale = BlockRun.objects.filter(status=S.RUNNING, heartbeat_at__lt=now - limit).values_list("id", "claim")
-    for pk, claim in stale:
-        br = BlockRun.objects.get(pk=pk)
+    for br in BlockRun.objects.filter(status=S.RUNNING, heartbeat_at__lt=now - limit):
         error = f"The worker running this block stopped heartbeating (last heartbeat {br.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead"
-        dispatch(_finish(br, claim, ExecutionResult(status=S.FAILED, error=error)))
+        dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error)))
         done["failed"] += 1
     lost = list(BlockRun.objects.filter(status=S.QUEUED, queued_at__lt=now - limit).values_list("id", flat=True))
     if lost:
         BlockRun.objects.filter(id__in=lost, status=S.QUEUED).update(queued_at=now)
         dispatch(lost)
         done["requeued"] = len(lost)
-    idle = PipelineRun.objects.filter(status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING]).exclude(
-        block_runs__status__in=list(BLOCK_ACTIVE)
-    ).values_list("id", flat=True)
+    # Only runs untouched for a while: a run being created or advanced right now is not
+    # stalled, and the tick stays cheap.
+    idle = PipelineRun.objects.filter(
+        status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING], updated_at__lt=now - limit,
+    ).exclude(block_runs__status__in=list(BLOCK_ACTIVE)).values_list("id", flat=True)
     for run_id in idle:
         dispatch(advance(run_id))
         done["advanced"] += 1
