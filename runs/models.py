@@ -60,6 +60,17 @@ class PipelineRun(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     metrics = models.JSONField(default=dict, blank=True)
+    # What started the run. String references: `runs` never imports `triggers`.
+    trigger = models.ForeignKey("triggers.Trigger", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    backfill = models.ForeignKey("triggers.Backfill", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    # Copied from the trigger when the run is created, so the scheduler's timeout and SLA
+    # checks read only runs. Seconds from the run's start; NULL: none.
+    timeout = models.PositiveIntegerField(null=True, blank=True)
+    timeout_status = models.CharField(max_length=16, blank=True, default="")
+    sla = models.PositiveIntegerField(null=True, blank=True)
+    # Set while the run waits in `initial` for a slot of its pipeline's
+    # `pipeline_run_limit`; such runs start oldest first when a run of the pipeline ends.
+    waiting_for_run_slot = models.BooleanField(default=False)
     # Set when ready blocks of this run wait for a slot of the global concurrency limit,
     # so that a block finishing in another run knows to advance this one.
     waiting_for_slot = models.BooleanField(default=False)
@@ -76,6 +87,19 @@ class PipelineRun(models.Model):
             models.Index(
                 fields=["created_at"], name="pipelinerun_waiting_slot",
                 condition=models.Q(waiting_for_slot=True),
+            ),
+            models.Index(
+                fields=["pipeline", "created_at"], name="pipelinerun_waiting_run_slot",
+                condition=models.Q(waiting_for_run_slot=True),
+            ),
+            models.Index(fields=["trigger", "-created_at"], name="pipelinerun_trigger_created"),
+        ]
+        constraints = [
+            # One scheduled run per trigger and logical time, whatever the number of
+            # schedulers (the scheduler relies on this, not on a check before insert).
+            models.UniqueConstraint(
+                fields=["trigger", "execution_date"], name="pipelinerun_unique_schedule",
+                condition=models.Q(run_type="scheduled"),
             ),
         ]
 

@@ -59,13 +59,26 @@ def run_create(
     execution_date: datetime | None = None,
     event: dict | None = None,
     created_by: Any = None,
+    trigger: Any = None,
+    backfill: Any = None,
+    timeout: int | None = None,
+    timeout_status: str = "",
+    sla: int | None = None,
     start: bool = True,
 ) -> PipelineRun:
     """Create a run of `pipeline`. `variables` are merged over the pipeline's (callers
     that add a trigger's variables merge them first). With `start`, the first blocks are
-    queued and their tasks sent to the workers once the transaction commits."""
+    queued and their tasks sent to the workers once the transaction commits; when the
+    pipeline's `pipeline_run_limit` is reached the run waits in `initial` instead and
+    starts, oldest first, when a run of the pipeline ends. `timeout` (seconds from the
+    start) and `sla` are checked by `enforce_deadlines`.
+
+    A scheduled run is unique per (trigger, execution_date): a second one raises
+    IntegrityError, which the scheduler expects."""
     if variables is not None and not isinstance(variables, dict):
         raise ValueError("variables must be a JSON object")
+    if timeout_status and timeout_status not in (PipelineRunStatus.FAILED, PipelineRunStatus.CANCELLED):
+        raise ValueError("timeout_status must be 'failed' or 'cancelled'")
     with transaction.atomic():
         run = PipelineRun.objects.create(
             pipeline=pipeline,
@@ -74,6 +87,12 @@ def run_create(
             variables={**(pipeline.variables or {}), **(variables or {})},
             event=event,
             created_by=created_by if getattr(created_by, "pk", None) else None,
+            trigger=trigger,
+            backfill=backfill,
+            timeout=timeout or None,
+            timeout_status=timeout_status or (PipelineRunStatus.FAILED if timeout else ""),
+            sla=sla or None,
+            waiting_for_run_slot=bool(start and pipeline.pipeline_run_limit),
         )
         blocks = Block.objects.filter(pipeline=pipeline).exclude(type__in=NON_EXECUTABLE_TYPES)
         BlockRun.objects.bulk_create(
@@ -91,7 +110,8 @@ def advance(run_id: int) -> list[int]:
     """Move a run forward and return the ids of the block runs it queued. The caller
     executes them or hands them to `dispatch`.
 
-    1. Lock the run's row; a finished run is left alone.
+    1. Lock the run's row; a finished run is left alone, and a run that has not started
+       waits while its pipeline's `pipeline_run_limit` is reached.
     2. Walk the blocks in topological order: an `initial` block below a failed,
        cancelled or upstream-failed block becomes `upstream_failed`; below a skipped
        (condition-failed) block it is skipped too; with every upstream completed it is
@@ -105,6 +125,8 @@ def advance(run_id: int) -> list[int]:
     with transaction.atomic():
         run = _lock_run(run_id)
         if run is None or run.status in RUN_TERMINAL:
+            return []
+        if run.status == PipelineRunStatus.INITIAL and not _may_start(run):
             return []
         rows = list(BlockRun.objects.filter(pipeline_run_id=run_id, dynamic_parent__isnull=True).values_list("id", "block_uuid", "status"))
         ids = {uuid: pk for pk, uuid, _ in rows}
@@ -135,6 +157,8 @@ def advance(run_id: int) -> list[int]:
                 for u in ready[:room]:
                     status[u] = S.QUEUED
         _set_run_status(run, status, waiting, now)
+        if run.status in RUN_TERMINAL and run.pipeline.pipeline_run_limit:
+            queued += start_waiting_runs(run.pipeline_id)
     return queued
 
 
@@ -143,6 +167,37 @@ def _lock_run(run_id: int) -> PipelineRun | None:
     if connection.features.has_select_for_update:
         qs = qs.select_for_update(of=("self",))
     return qs.filter(pk=run_id).first()
+
+
+def _may_start(run: PipelineRun) -> bool:
+    """Whether a run in `initial` may start under its pipeline's `pipeline_run_limit`:
+    a slot is free and no older run of the pipeline is waiting for one (runs start in
+    order). The pipeline's row is locked so two runs cannot take the last slot at once."""
+    limit = run.pipeline.pipeline_run_limit
+    if not limit:
+        return True
+    if connection.features.has_select_for_update:
+        Pipeline.objects.select_for_update().filter(pk=run.pipeline_id).values_list("pk").first()
+    siblings = PipelineRun.objects.filter(pipeline_id=run.pipeline_id).exclude(pk=run.pk)
+    running = siblings.filter(status=PipelineRunStatus.RUNNING).count()
+    older_waiting = siblings.filter(waiting_for_run_slot=True, created_at__lt=run.created_at).exists()
+    may = running < limit and not older_waiting
+    if may == run.waiting_for_run_slot:
+        PipelineRun.objects.filter(pk=run.pk).update(waiting_for_run_slot=not may)
+        run.waiting_for_run_slot = not may
+    return may
+
+
+def start_waiting_runs(pipeline_id: int) -> list[int]:
+    """Start the oldest runs of a pipeline that wait for a `pipeline_run_limit` slot, as
+    many as are free. Called when a run ends, and by the scheduler's pass."""
+    queued: list[int] = []
+    waiting = PipelineRun.objects.filter(pipeline_id=pipeline_id, waiting_for_run_slot=True, status=PipelineRunStatus.INITIAL)
+    for run_id in waiting.order_by("created_at", "id").values_list("id", flat=True)[:50]:
+        queued.extend(advance(run_id))
+        if PipelineRun.objects.filter(pk=run_id, status=PipelineRunStatus.INITIAL).exists():
+            break
+    return queued
 
 
 def _classify(definition: PipelineDefinition, status: dict[str, str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
@@ -201,13 +256,15 @@ def _set_run_status(run: PipelineRun, status: dict[str, str], waiting: bool, now
             final = PipelineRunStatus.CANCELLED
         else:
             final = PipelineRunStatus.COMPLETED
-        changes.update(status=final, completed_at=now, waiting_for_slot=False)
+        changes.update(status=final, completed_at=now, waiting_for_slot=False, waiting_for_run_slot=False)
         if run.started_at is None:
             changes["started_at"] = now
+        if run.sla and now > run.created_at + timedelta(seconds=run.sla):
+            changes["passed_sla"] = True
         _log_run_end(run, final, status, now)
     else:
         if run.status == PipelineRunStatus.INITIAL:
-            changes.update(status=PipelineRunStatus.RUNNING, started_at=run.started_at or now)
+            changes.update(status=PipelineRunStatus.RUNNING, started_at=run.started_at or now, waiting_for_run_slot=False)
         if run.waiting_for_slot != waiting:
             changes["waiting_for_slot"] = waiting
     if changes:
@@ -379,6 +436,65 @@ def wake_waiting_runs(limit: int = 20) -> list[int]:
         if not got:
             break
     return queued
+
+
+# --- stopping a run -----------------------------------------------------------------------
+
+def run_stop(run_id: int, *, status: str = PipelineRunStatus.CANCELLED, reason: str = "") -> bool:
+    """End a run now with `status` (`cancelled` or `failed`): its block runs that have
+    not finished become `cancelled` (a running one becomes `failed` when the run fails).
+    A worker running one of them sees its claim gone at its next heartbeat, kills the
+    block's process group and writes nothing more. Returns False when the run had
+    already finished."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = _lock_run(run_id)
+        if run is None or run.status in RUN_TERMINAL:
+            return False
+        open_runs = BlockRun.objects.filter(pipeline_run_id=run_id, status__in=[S.INITIAL, S.QUEUED, S.RUNNING])
+        if status == PipelineRunStatus.FAILED:
+            open_runs.filter(status=S.RUNNING).update(status=S.FAILED, error=reason[:10000], completed_at=now, updated_at=now)
+        open_runs.update(status=S.CANCELLED, completed_at=now, updated_at=now)
+        changes: dict[str, Any] = {
+            "status": status, "completed_at": now, "started_at": run.started_at or now,
+            "waiting_for_slot": False, "waiting_for_run_slot": False, "updated_at": now,
+        }
+        if run.sla and now > run.created_at + timedelta(seconds=run.sla):
+            changes["passed_sla"] = True
+        PipelineRun.objects.filter(pk=run_id).update(**changes)
+        LogEntry.objects.create(
+            pipeline_run_id=run_id, timestamp=now, level="ERROR" if status == PipelineRunStatus.FAILED else "WARNING",
+            message=f"Run {status}" + (f": {reason}" if reason else ""),
+        )
+        queued = start_waiting_runs(run.pipeline_id) if run.pipeline.pipeline_run_limit else []
+        queued += wake_waiting_runs()
+        dispatch(queued)
+    return True
+
+
+def enforce_deadlines(now: datetime | None = None) -> dict[str, int]:
+    """The scheduler's timeout and SLA pass: a running run past its `timeout` ends with
+    its `timeout_status`; a run still unfinished past its `sla` (counted from its
+    creation) is marked `passed_sla` and logged once."""
+    now = now or timezone.now()
+    done = {"timed_out": 0, "passed_sla": 0}
+    timed = PipelineRun.objects.filter(status=PipelineRunStatus.RUNNING, timeout__isnull=False)
+    for run_id, started_at, timeout, timeout_status in timed.values_list("id", "started_at", "timeout", "timeout_status"):
+        if started_at and now >= started_at + timedelta(seconds=timeout):
+            if run_stop(run_id, status=timeout_status or PipelineRunStatus.FAILED, reason=f"timed out after {timeout} s"):
+                done["timed_out"] += 1
+    late = PipelineRun.objects.filter(
+        status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING], sla__isnull=False, passed_sla=False,
+    )
+    for run_id, created_at, sla in late.values_list("id", "created_at", "sla"):
+        if now > created_at + timedelta(seconds=sla):
+            if PipelineRun.objects.filter(pk=run_id, passed_sla=False).update(passed_sla=True, updated_at=now):
+                LogEntry.objects.create(
+                    pipeline_run_id=run_id, timestamp=now, level="WARNING",
+                    message=f"SLA missed: the run was not finished {sla} s after it was created",
+                )
+                done["passed_sla"] += 1
+    return done
 
 
 # --- 4. reconcile --------------------------------------------------------------------------
