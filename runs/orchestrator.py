@@ -18,12 +18,13 @@ import os
 import socket
 import time
 import uuid as uuidlib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
@@ -106,7 +107,11 @@ def run_create(
 
 # --- 2. advance ----------------------------------------------------------------------------
 
-def advance(run_id: int) -> list[int]:
+def advance(run_id: int, *, freed: int = 0) -> list[int]:
+    return _advance(run_id, freed=freed)[0]
+
+
+def _advance(run_id: int, *, freed: int = 0, claim: str = "") -> tuple[list[int], _Claimed | None]:
     """Move a run forward and return the ids of the block runs it queued. The caller
     executes them or hands them to `dispatch`.
 
@@ -120,18 +125,28 @@ def advance(run_id: int) -> list[int]:
        concurrency limit allow (counted from the database under a lock, never in memory).
     4. Compute the run's status: finished when every block run is, failed when any
        failed, otherwise running.
+
+    `freed` is the number of global slots the caller has just released in the same
+    transaction (a block that finished): up to that many ready blocks take them over
+    without counting the active block runs again. With `claim`, when exactly one block
+    is ready it goes from `initial` to `running` under that claim in one step, for the
+    caller to execute (a chain), and comes back as the second value instead of in the
+    list.
     """
     now = timezone.now()
-    with transaction.atomic():
+    # No savepoint when called inside `_finish`: it would add two statements per block
+    # and buys nothing, since any error there rolls back the whole transaction anyway.
+    with transaction.atomic(savepoint=False):
         run = _lock_run(run_id)
         if run is None or run.status in RUN_TERMINAL:
-            return []
+            return [], None
         if run.status == PipelineRunStatus.INITIAL and not _may_start(run):
-            return []
+            return [], None
         rows = list(BlockRun.objects.filter(pipeline_run_id=run_id, dynamic_parent__isnull=True).values_list("id", "block_uuid", "status"))
         ids = {uuid: pk for pk, uuid, _ in rows}
         status = {uuid: st for _, uuid, st in rows}
-        ready, skipped, broken = _classify(pipeline_definition(run.pipeline_id, run.pipeline.version), status)
+        definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
+        ready, skipped, broken = _classify(definition, status)
         if broken:
             BlockRun.objects.filter(id__in=[ids[u] for u, _ in broken], status=S.INITIAL).update(
                 status=S.UPSTREAM_FAILED, completed_at=now, updated_at=now
@@ -145,28 +160,45 @@ def advance(run_id: int) -> list[int]:
                 status=S.CONDITION_FAILED, completed_at=now, updated_at=now
             )
         queued: list[int] = []
+        claimed: _Claimed | None = None
         waiting = False
         if ready:
             room = _room_in_run(run.pipeline.block_run_limit, status)
             if room > 0:
                 room = min(room, len(ready))
-                room, waiting = _take_global_slots(room)
+                room, waiting = (room, False) if room <= freed else _take_global_slots(room)
             queued = [ids[u] for u in ready[:room]]
-            if queued:
+            if claim and len(queued) == 1:
+                _claim(queued[0], claim, now, from_status=S.INITIAL)
+                claimed = _Claimed(run, definition, queued[0], ready[0], claim)
+                status[ready[0]], queued = S.RUNNING, []
+            elif queued:
                 BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(status=S.QUEUED, queued_at=now, updated_at=now)
                 for u in ready[:room]:
                     status[u] = S.QUEUED
         _set_run_status(run, status, waiting, now)
         if run.status in RUN_TERMINAL and run.pipeline.pipeline_run_limit:
             queued += start_waiting_runs(run.pipeline_id)
-    return queued
+    return queued, claimed
+
+
+@dataclass
+class _Claimed:
+    """A block run that `_advance` claimed for its caller to execute next."""
+
+    run: PipelineRun
+    definition: PipelineDefinition
+    block_run_id: int
+    block_uuid: str
+    claim: str
 
 
 def _lock_run(run_id: int) -> PipelineRun | None:
-    qs = PipelineRun.objects.select_related("pipeline")
+    qs = PipelineRun.objects.select_related("pipeline").order_by()
     if connection.features.has_select_for_update:
         qs = qs.select_for_update(of=("self",))
-    return qs.filter(pk=run_id).first()
+    found = list(qs.filter(pk=run_id))
+    return found[0] if found else None
 
 
 def _may_start(run: PipelineRun) -> bool:
@@ -305,40 +337,85 @@ def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def block_run_execute(block_run_id: int) -> list[int]:
+def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
     """Claim a queued block run, run it in a child process, record the result, and advance
     its run. Returns the block runs that the advance queued (not yet dispatched). A block
     run that is not `queued` any more (run twice by a redelivered task, or cancelled) is
-    left alone."""
+    left alone.
+
+    With `inline`, when finishing a block makes exactly one block ready, that block is
+    claimed in the same transaction and run here next: a chain then moves at the speed
+    of its blocks, with no broker round trip and one commit per block."""
     claim = uuidlib.uuid4().hex
-    now = timezone.now()
-    won = BlockRun.objects.filter(pk=block_run_id, status=S.QUEUED).update(
-        status=S.RUNNING, claim=claim, attempt=F("attempt") + 1, started_at=now,
-        heartbeat_at=now, completed_at=None, worker=worker_label(), error="", traceback="", updated_at=now,
-    )
-    if not won:
+    if not _claim(block_run_id, claim, timezone.now()):
         return []
     block_run = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=block_run_id)
     run = block_run.pipeline_run
-    block = pipeline_definition(run.pipeline_id, run.pipeline.version).blocks.get(block_run.block_uuid)
+    definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
+    upstream_outputs = None
+    while True:
+        result, code_hash = _execute(block_run, claim, definition, upstream_outputs)
+        queued, claimed = _finish(block_run, claim, result, code_hash=code_hash, claim_next=inline)
+        if claimed is None:
+            return queued
+        block_run, upstream_outputs = _claimed_block_run(claimed)
+        claim, definition = claimed.claim, claimed.definition
+
+
+def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S.QUEUED) -> bool:
+    """Compare-and-swap a block run to `running` under a new claim token (fencing)."""
+    changes: dict[str, Any] = {"queued_at": now} if from_status == S.INITIAL else {}
+    return bool(BlockRun.objects.filter(pk=block_run_id, status=from_status).update(
+        status=S.RUNNING, claim=claim, attempt=F("attempt") + 1, started_at=now,
+        heartbeat_at=now, completed_at=None, worker=worker_label(), error="", traceback="", updated_at=now,
+        **changes,
+    ))
+
+
+def _claimed_block_run(claimed: _Claimed) -> tuple[BlockRun, dict[str, list[dict]]]:
+    """The block run `_advance` claimed, with its upstreams' outputs, in one query."""
+    block = claimed.definition.blocks.get(claimed.block_uuid)
+    upstreams = list(block.upstreams) if block else []
+    rows = BlockRun.objects.filter(pipeline_run_id=claimed.run.pk).filter(
+        Q(pk=claimed.block_run_id) | Q(block_uuid__in=upstreams, dynamic_parent__isnull=True)
+    ).values_list("id", "block_uuid", "block_type", "attempt", "outputs")
+    block_run = None
+    outputs: dict[str, list[dict]] = {}
+    for pk, uuid, block_type, attempt, outs in rows:
+        if pk == claimed.block_run_id:
+            block_run = BlockRun(
+                pk=pk, pipeline_run=claimed.run, block_uuid=uuid, block_type=block_type,
+                attempt=attempt, claim=claimed.claim, status=S.RUNNING,
+            )
+        else:
+            outputs[uuid] = outs
+    assert block_run is not None, "a claimed block run exists: its row is locked by the claim"
+    return block_run, outputs
+
+
+def _execute(
+    block_run: BlockRun, claim: str, definition: PipelineDefinition, upstream_outputs: dict[str, list[dict]] | None,
+) -> tuple[ExecutionResult, str]:
+    """Run a claimed block run's code; returns the result and the hash of the code."""
+    block = definition.blocks.get(block_run.block_uuid)
     if block is None:
-        error = f"Block {block_run.block_uuid} no longer exists in pipeline {run.pipeline.uuid}"
-        return _finish(block_run, claim, ExecutionResult(status=S.FAILED, error=error))
+        error = f"Block {block_run.block_uuid} no longer exists in pipeline {block_run.pipeline_run.pipeline.uuid}"
+        return ExecutionResult(status=S.FAILED, error=error), ""
     logs = _LogWriter(block_run)
 
     def tick() -> bool:
         logs.flush()
-        return bool(BlockRun.objects.filter(pk=block_run_id, claim=claim, status=S.RUNNING).update(heartbeat_at=timezone.now()))
+        return bool(BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(heartbeat_at=timezone.now()))
 
-    result = run_block(_spec(block_run, block), on_log=logs.add, on_tick=tick, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
+    spec = _spec(block_run, block, upstream_outputs)
+    result = run_block(spec, on_log=logs.add, on_tick=tick, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
     logs.flush()
-    return _finish(block_run, claim, result, code_hash=block.content_hash)
+    return result, block.content_hash
 
 
-def _spec(block_run: BlockRun, block: BlockDefinition) -> BlockSpec:
+def _spec(block_run: BlockRun, block: BlockDefinition, outputs: dict[str, list[dict]] | None = None) -> BlockSpec:
     run = block_run.pipeline_run
-    outputs: dict[str, list[dict]] = {}
-    if block.upstreams:
+    if outputs is None and block.upstreams:
         outputs = dict(
             BlockRun.objects.filter(pipeline_run=run, block_uuid__in=block.upstreams, dynamic_parent__isnull=True).values_list("block_uuid", "outputs")
         )
@@ -354,6 +431,7 @@ def _spec(block_run: BlockRun, block: BlockDefinition) -> BlockSpec:
         "pipeline_run_id": run.pk,
         "retry": {"attempts": block_run.attempt},
     }
+    outputs = outputs or {}
     return BlockSpec(
         pipeline_uuid=run.pipeline.uuid,
         block_uuid=block.uuid,
@@ -404,9 +482,13 @@ def _log_row(run_id: int, block_run_id: int | None, ts: datetime, level: str, me
     )
 
 
-def _finish(block_run: BlockRun, claim: str, result: ExecutionResult, code_hash: str = "") -> list[int]:
+def _finish(
+    block_run: BlockRun, claim: str, result: ExecutionResult, *, code_hash: str = "", claim_next: bool = False,
+) -> tuple[list[int], _Claimed | None]:
     """Record the result (and the hash of the code that ran) if this attempt still holds
-    the claim, then advance the run in the same transaction."""
+    the claim, then advance the run in the same transaction. Returns the block runs the
+    advance queued and, with `claim_next` and exactly one block ready, that one already
+    claimed for the caller to run."""
     now = timezone.now()
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
     with transaction.atomic():
@@ -415,14 +497,14 @@ def _finish(block_run: BlockRun, claim: str, result: ExecutionResult, code_hash:
             traceback=result.traceback, metrics=result.metrics, code_hash=code_hash, updated_at=now,
         )
         if not won:
-            return []
+            return [], None
         if status == S.FAILED:
             LogEntry.objects.create(
                 pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="ERROR",
                 message=f"Block {block_run.block_uuid} failed: {result.error}" + (f"\n{result.traceback}" if result.traceback else ""),
                 block_uuid=block_run.block_uuid, block_type=block_run.block_type,
             )
-        return advance(block_run.pipeline_run_id)
+        return _advance(block_run.pipeline_run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next else "")
 
 
 def wake_waiting_runs(limit: int = 20) -> list[int]:
@@ -508,7 +590,7 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     done = {"failed": 0, "requeued": 0, "advanced": 0}
     for br in BlockRun.objects.filter(status=S.RUNNING, heartbeat_at__lt=now - limit):
         error = f"The worker running this block stopped heartbeating (last heartbeat {br.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead"
-        dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error)))
+        dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error))[0])
         done["failed"] += 1
     lost = list(BlockRun.objects.filter(status=S.QUEUED, queued_at__lt=now - limit).values_list("id", flat=True))
     if lost:

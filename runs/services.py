@@ -19,7 +19,7 @@ def run_execute_sync(run: PipelineRun, *, poll: float = 0.05) -> PipelineRun:
     pending: deque[int] = deque(orchestrator.advance(run.pk))
     while True:
         while pending:
-            pending.extend(orchestrator.block_run_execute(pending.popleft()))
+            pending.extend(orchestrator.block_run_execute(pending.popleft(), inline=True))
         run.refresh_from_db()
         if run.status in RUN_TERMINAL:
             return run

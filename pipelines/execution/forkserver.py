@@ -127,9 +127,10 @@ class _Server:
     """The server's loop. It keeps one child forked ahead; on a spawn request it hands
     that child its descriptors and forks the next."""
 
-    def __init__(self, sock: socket.socket, child_main: Callable[[int, int], None]):
+    def __init__(self, sock: socket.socket, child_main: Callable[[int, int], None], child_prepare: Callable[[], None]):
         self.sock = sock
         self.child_main = child_main
+        self.child_prepare = child_prepare
         self.children: set[int] = set()
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
@@ -202,6 +203,7 @@ class _Server:
                 os.close(self.wake_r)
                 if self.ahead is not None:
                     self.ahead[1].close()
+                self.child_prepare()
                 _, fds, _, _ = socket.recv_fds(theirs, _MAX_MESSAGE, 4)
                 theirs.close()
                 if len(fds) != 4:  # discarded before it was used
@@ -245,10 +247,14 @@ def main(argv: list[str]) -> None:
         signal.signal(sig, signal.SIG_DFL)
     module, _, name = run_path.partition(":")
     run = getattr(importlib.import_module(module), name)
-    from pipelines.execution.process import _child_main, warm_up
+    from pipelines.execution.process import _child_main, _child_prepare, warm_up
 
     # Run a trivial block once here, so that each child inherits warm caches (compiled
     # regexes, signature machinery) instead of building them again.
     warm_up(run)
-    _Server(socket.socket(fileno=fd), lambda spec_fd, msg_fd: _child_main(spec_fd, msg_fd, run)).serve()
+    _Server(
+        socket.socket(fileno=fd),
+        lambda spec_fd, msg_fd: _child_main(spec_fd, msg_fd, run),
+        lambda: _child_prepare(run),
+    ).serve()
 

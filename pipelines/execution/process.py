@@ -21,8 +21,10 @@ import os
 import pickle
 import resource
 import selectors
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -57,23 +59,37 @@ class _PipeLogHandler(logging.Handler):
             self.handleError(record)
 
 
+def _child_prepare(run: Callable[..., ExecutionResult]) -> None:
+    """Run in a child forked ahead, while it waits for a block: everything that does not
+    need the block, done off the block's critical path.
+
+    Right after a fork every page is shared with the fork server, and the first write to
+    one (Python writes to each object it touches, to count references) copies it. A
+    trivial block run here makes the executor's pages this child's own, so the real
+    block does not pay those copies: measured, it halves the time from spawn to result.
+    """
+    # The inherited objects go to the permanent generation, so that a collection in
+    # the child never walks (and copies, page by page) the whole inherited heap.
+    gc.freeze()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # Bound to descriptor numbers 1 and 2, which become the block's pipes when it comes.
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    # A crash in C code dumps the Python stack into the block's own stderr (its log).
+    faulthandler.enable(file=sys.stderr)
+    warm_up(run, write=True)
+
+
 def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) -> None:
-    """Body of a block's child process: read the spec, run it, send the result, exit.
-    Never returns. Its stdout and stderr (fds 1 and 2) are already the pipes."""
+    """Body of a block's child process once its block arrives (`_child_prepare` ran
+    before): read the spec, run it, send the result, exit. Never returns. Its stdout and
+    stderr (fds 1 and 2) are already the pipes."""
     code = 0
     try:
-        # The inherited objects go to the permanent generation, so that a collection in
-        # the child never walks (and copies, page by page) the whole inherited heap.
-        gc.freeze()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         messages = open(msg_fd, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
-        # A crash in C code dumps the Python stack into the block's own stderr (its log).
-        faulthandler.enable(file=sys.stderr)
         spec = _read_spec(spec_fd)
         if spec is None:  # the parent gave up before sending it
             os._exit(0)
@@ -181,13 +197,19 @@ def run_in_child(
     return result
 
 
-def warm_up(run: Callable[..., ExecutionResult]) -> None:
-    """Exercise the executor on a block that writes nothing."""
-    spec = BlockSpec("warm-up", "warm_up", "custom", "python", "@custom\ndef warm_up(*args, **kwargs):\n    return None\n", data_dir=os.devnull)
+def warm_up(run: Callable[..., ExecutionResult], *, write: bool = False) -> None:
+    """Exercise the executor on a trivial block; with `write`, one that stores an output
+    (in a temporary directory, removed after), so the output path is exercised too."""
+    body = "return 1" if write else "return None"
+    scratch = tempfile.mkdtemp(prefix="millrace-warm-") if write else os.devnull
+    spec = BlockSpec("warm-up", "warm_up", "custom", "python", f"@custom\ndef warm_up(*args, **kwargs):\n    {body}\n", data_dir=scratch, output_prefix="warm")
     try:
         run(spec, logging.Logger("warm-up"), {})
     except Exception:  # noqa: BLE001 - only an optimisation
         pass
+    finally:
+        if write:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def start_server(run: Callable[..., ExecutionResult]) -> None:

@@ -134,7 +134,7 @@ def test_a_result_from_an_attempt_that_lost_its_claim_is_ignored():
     from pipelines.execution import ExecutionResult
 
     BlockRun.objects.filter(pk=queued).update(status="running", claim="new-owner")
-    assert orchestrator._finish(br, "old-owner", ExecutionResult(status="completed")) == []
+    assert orchestrator._finish(br, "old-owner", ExecutionResult(status="completed")) == ([], None)
     br.refresh_from_db()
     assert (br.status, br.claim) == ("running", "new-owner")
 
