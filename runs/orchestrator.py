@@ -24,7 +24,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Q
 from django.utils import timezone
 
 from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
@@ -142,9 +141,9 @@ def _advance(run_id: int, *, freed: int = 0, claim: str = "") -> tuple[list[int]
             return [], None
         if run.status == PipelineRunStatus.INITIAL and not _may_start(run):
             return [], None
-        rows = list(BlockRun.objects.filter(pipeline_run_id=run_id, dynamic_parent__isnull=True).values_list("id", "block_uuid", "status"))
-        ids = {uuid: pk for pk, uuid, _ in rows}
-        status = {uuid: st for _, uuid, st in rows}
+        rows = _block_statuses(run_id)
+        ids = {uuid: pk for pk, uuid, _, _ in rows}
+        status = {uuid: st for _, uuid, st, _ in rows}
         definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
         ready, skipped, broken = _classify(definition, status)
         if broken:
@@ -170,7 +169,8 @@ def _advance(run_id: int, *, freed: int = 0, claim: str = "") -> tuple[list[int]
             queued = [ids[u] for u in ready[:room]]
             if claim and len(queued) == 1:
                 _claim(queued[0], claim, now, from_status=S.INITIAL)
-                claimed = _Claimed(run, definition, queued[0], ready[0], claim)
+                attempt = next(a for pk, _, _, a in rows if pk == queued[0]) + 1
+                claimed = _Claimed(run, definition, queued[0], ready[0], claim, attempt)
                 status[ready[0]], queued = S.RUNNING, []
             elif queued:
                 BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(status=S.QUEUED, queued_at=now, updated_at=now)
@@ -191,6 +191,7 @@ class _Claimed:
     block_run_id: int
     block_uuid: str
     claim: str
+    attempt: int
 
 
 def _lock_run(run_id: int) -> PipelineRun | None:
@@ -358,39 +359,84 @@ def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
         queued, claimed = _finish(block_run, claim, result, code_hash=code_hash, claim_next=inline)
         if claimed is None:
             return queued
-        block_run, upstream_outputs = _claimed_block_run(claimed)
+        block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
         claim, definition = claimed.claim, claimed.definition
+
+
+# --- hot-path SQL ---------------------------------------------------------------------------
+# The statements every block of every run goes through are written out by hand: for these
+# one-row statements the ORM spends several times longer building the SQL than the
+# database spends running it (measured: 0.2-0.35 ms against 0.04 ms), and a chain of
+# blocks is a loop over them. Values go through the fields' own adapters, so both
+# databases get what the ORM would send.
+
+_BR = BlockRun._meta.db_table
+
+
+def _db_time(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _db_json(field: str, value: Any) -> Any:
+    return BlockRun._meta.get_field(field).get_db_prep_save(value, connection)
+
+
+def _block_statuses(run_id: int) -> list[tuple[int, str, str, int]]:
+    """(id, block_uuid, status, attempt) of a run's block runs (not dynamic children)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, block_uuid, status, attempt FROM {_BR} WHERE pipeline_run_id = %s AND dynamic_parent_id IS NULL",
+            [run_id],
+        )
+        return cursor.fetchall()
 
 
 def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S.QUEUED) -> bool:
     """Compare-and-swap a block run to `running` under a new claim token (fencing)."""
-    changes: dict[str, Any] = {"queued_at": now} if from_status == S.INITIAL else {}
-    return bool(BlockRun.objects.filter(pk=block_run_id, status=from_status).update(
-        status=S.RUNNING, claim=claim, attempt=F("attempt") + 1, started_at=now,
-        heartbeat_at=now, completed_at=None, worker=worker_label(), error="", traceback="", updated_at=now,
-        **changes,
-    ))
+    ts = _db_time(now)
+    queued_at = ", queued_at = %s" if from_status == S.INITIAL else ""
+    params: list[Any] = [S.RUNNING, claim, ts, ts, worker_label(), ts] + ([ts] if queued_at else []) + [block_run_id, from_status]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_BR} SET status = %s, claim = %s, attempt = attempt + 1, started_at = %s, heartbeat_at = %s, "
+            f"completed_at = NULL, worker = %s, error = '', traceback = '', updated_at = %s{queued_at} "
+            "WHERE id = %s AND status = %s",
+            params,
+        )
+        return cursor.rowcount == 1
 
 
-def _claimed_block_run(claimed: _Claimed) -> tuple[BlockRun, dict[str, list[dict]]]:
-    """The block run `_advance` claimed, with its upstreams' outputs, in one query."""
+def _record_result(block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime) -> bool:
+    """Write an attempt's result, if the attempt still holds its claim (fencing)."""
+    ts = _db_time(now)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_BR} SET status = %s, completed_at = %s, outputs = %s, error = %s, traceback = %s, "
+            "metrics = %s, code_hash = %s, updated_at = %s WHERE id = %s AND claim = %s AND status = %s",
+            [
+                status, ts, _db_json("outputs", result.outputs), result.error[:10000], result.traceback,
+                _db_json("metrics", result.metrics), code_hash, ts, block_run_id, claim, S.RUNNING,
+            ],
+        )
+        return cursor.rowcount == 1
+
+
+def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict]) -> tuple[BlockRun, dict[str, list[dict]]]:
+    """The block run `_advance` claimed, with its upstreams' outputs. In a chain the only
+    upstream is the block that just finished, whose outputs are in hand: no query."""
     block = claimed.definition.blocks.get(claimed.block_uuid)
     upstreams = list(block.upstreams) if block else []
-    rows = BlockRun.objects.filter(pipeline_run_id=claimed.run.pk).filter(
-        Q(pk=claimed.block_run_id) | Q(block_uuid__in=upstreams, dynamic_parent__isnull=True)
-    ).values_list("id", "block_uuid", "block_type", "attempt", "outputs")
-    block_run = None
-    outputs: dict[str, list[dict]] = {}
-    for pk, uuid, block_type, attempt, outs in rows:
-        if pk == claimed.block_run_id:
-            block_run = BlockRun(
-                pk=pk, pipeline_run=claimed.run, block_uuid=uuid, block_type=block_type,
-                attempt=attempt, claim=claimed.claim, status=S.RUNNING,
-            )
-        else:
-            outputs[uuid] = outs
-    assert block_run is not None, "a claimed block run exists: its row is locked by the claim"
-    return block_run, outputs
+    block_run = BlockRun(
+        pk=claimed.block_run_id, pipeline_run=claimed.run, block_uuid=claimed.block_uuid,
+        block_type=block.type if block else "", attempt=claimed.attempt, claim=claimed.claim, status=S.RUNNING,
+    )
+    known = {finished.block_uuid: outputs}
+    missing = [u for u in upstreams if u not in known]
+    if missing:
+        known.update(BlockRun.objects.filter(
+            pipeline_run_id=claimed.run.pk, block_uuid__in=missing, dynamic_parent__isnull=True,
+        ).values_list("block_uuid", "outputs"))
+    return block_run, {u: known.get(u) or [] for u in upstreams}
 
 
 def _execute(
@@ -492,11 +538,7 @@ def _finish(
     now = timezone.now()
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
     with transaction.atomic():
-        won = BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(
-            status=status, completed_at=now, outputs=result.outputs, error=result.error[:10000],
-            traceback=result.traceback, metrics=result.metrics, code_hash=code_hash, updated_at=now,
-        )
-        if not won:
+        if not _record_result(block_run.pk, claim, status, result, code_hash, now):
             return [], None
         if status == S.FAILED:
             LogEntry.objects.create(

@@ -91,11 +91,10 @@ def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) 
     try:
         messages = open(msg_fd, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
         spec = _read_spec(spec_fd)
-        if spec is None:  # the parent gave up before sending it
+        if spec is None:  # the parent gave up before sending all of it
             os._exit(0)
         if spec.environ is not None:
-            os.environ.clear()
-            os.environ.update(spec.environ)
+            _set_environ(spec.environ)
         logger = logging.Logger(f"millrace.block.{spec.block_uuid}", logging.DEBUG)
         handler = _PipeLogHandler(messages)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -118,12 +117,33 @@ def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) 
         os._exit(code)
 
 
+def _set_environ(environ: dict[str, str]) -> None:
+    """Make the child's environment `environ`, changing only what differs: the fork
+    server started with the orchestrator's environment, so usually nothing does, and
+    each change is a system call."""
+    for key in [k for k in os.environ if k not in environ]:
+        del os.environ[key]
+    for key, value in environ.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 def _read_spec(fd: int) -> BlockSpec | None:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
+    """The spec: an 8-byte length, then the pickle. Reading by length, not to the end of
+    the pipe, lets the child start before the parent has closed its end."""
+    data = b""
+    size: int | None = None
+    while size is None or len(data) < size + 8:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+        if size is None and len(data) >= 8:
+            size = int.from_bytes(data[:8], "big")
     os.close(fd)
-    return pickle.loads(b"".join(chunks)) if chunks else None
+    if size is None or len(data) < size + 8:
+        return None  # the parent gave up before sending all of it
+    return pickle.loads(data[8:8 + size])
 
 
 # One fork server per orchestrating process and `run` function.
@@ -142,12 +162,19 @@ def _server(run: Callable[..., ExecutionResult]) -> ForkServer:
     return server
 
 
-def _spawn(run: Callable[..., ExecutionResult]) -> tuple[ForkServer, int, int, int, int, int]:
-    """A started child: (server, pid, spec_w, out_r, err_r, msg_r)."""
+# What a pipe holds before a write blocks (Linux's default), less a margin.
+_PIPE_BUFFER = 60 * 1024
+
+
+def _spawn(run: Callable[..., ExecutionResult], payload: bytes) -> tuple[ForkServer, int, int, int, int, int]:
+    """A started child: (server, pid, spec_w, out_r, err_r, msg_r). The start of the
+    spec (all of it, usually) is in the pipe before the child wakes, so it need not
+    wait for the round trip that tells us its pid."""
     for attempt in (1, 2):
         server = _server(run)
         server.forget_exits()
         spec_r, spec_w = os.pipe()
+        os.write(spec_w, payload[:_PIPE_BUFFER])
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         msg_r, msg_w = os.pipe()
@@ -176,11 +203,12 @@ def run_in_child(
 ) -> ExecutionResult:
     """Run `run(spec, logger, context)` in a child process and supervise it until it
     ends, its timeout passes, or `on_tick` asks to stop."""
-    payload = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
-    server, pid, spec_w, out_r, err_r, msg_r = _spawn(run)
+    pickled = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = len(pickled).to_bytes(8, "big") + pickled
     started = time.monotonic()
+    server, pid, spec_w, out_r, err_r, msg_r = _spawn(run, payload)
     try:
-        view = memoryview(payload)
+        view = memoryview(payload)[_PIPE_BUFFER if len(payload) > _PIPE_BUFFER else len(payload):]
         while view:
             view = view[os.write(spec_w, view):]
     except OSError:
