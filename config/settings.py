@@ -29,6 +29,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "django_filters",
     "django_q",
     "io_connectors",
     "pipelines",
@@ -131,7 +134,13 @@ else:
 # Millrace's own settings.
 MILLRACE_DATA_DIR = Path(os.environ.get("MILLRACE_DATA_DIR", VAR_DIR / "data"))
 # At most this many block runs queued or running at once, across every pipeline.
-MILLRACE_CONCURRENCY = envint("MILLRACE_CONCURRENCY", 20, minimum=1)
+MILLRACE_CONCURRENCY = envint("MILLRACE_CONCURRENCY", 20, minimum=0)
+if MILLRACE_CONCURRENCY == 0:
+    # Mage reads 0 as "no limit"; here it would leave every block queued forever.
+    raise ImproperlyConfigured(
+        "MILLRACE_CONCURRENCY is 0: no block could ever run. Set the number of block runs "
+        "allowed to run at once (at least 1; the default is 20)."
+    )
 # A running block run whose heartbeat is older than this is treated as dead.
 MILLRACE_HEARTBEAT_LIMIT = envint("MILLRACE_HEARTBEAT_LIMIT", 60, minimum=5)
 # How often a worker refreshes the heartbeat of the block it runs (and looks for a cancel).
@@ -161,10 +170,38 @@ else:
     Q_CLUSTER["orm"] = "default"
 
 REST_FRAMEWORK = {
+    # Token first: its `WWW-Authenticate` header makes an anonymous call a 401, not a 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "config.permissions.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Reading needs a login or a token; writing needs an editor (config/permissions.py).
+    "DEFAULT_PERMISSION_CLASSES": ["config.permissions.CanEdit"],
+    # JSON only: no browsable HTML, so every answer (errors included) is JSON.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "config.api.MagePagination",
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "config.api.exception_handler",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Millrace API",
+    "DESCRIPTION": "Pipelines, triggers (Mage's pipeline schedules), runs and events, "
+    "with Mage's resource names and envelopes.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["config.permissions.CanView"],
+    "SCHEMA_PATH_PREFIX": "/api/",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "PREPROCESSING_HOOKS": ["config.api.drop_slash_twins"],
+    "ENUM_NAME_OVERRIDES": {
+        "PipelineRunStatusEnum": "runs.models.PipelineRunStatus",
+        "BlockRunStatusEnum": "runs.models.BlockRunStatus",
+        "TriggerStatusEnum": "triggers.models.TriggerStatus",
+    },
 }
 
 LOGGING = {

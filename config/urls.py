@@ -1,8 +1,98 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from django.views.generic import RedirectView
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.renderers import OpenApiJsonRenderer, OpenApiYamlRenderer
+from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.permissions import CanView, user_can_edit, user_is_admin
+from runs import api as runs_api
+from triggers.urls import api_urlpatterns as triggers_api
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    """The schema's name for `Authorization: Bearer <token>` (drf-spectacular would
+    otherwise take it for DRF's `Token` scheme of the same name)."""
+
+    target_class = "config.permissions.BearerTokenAuthentication"
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema: object) -> dict:
+        return {"type": "http", "scheme": "bearer", "description": "An API token (`create_api_token`)."}
+
+
+class ApiRootView(APIView):
+    """`GET /api/`: who the caller is and what they may do (handy to check a token).
+    It lives here, not in config/api.py, because DRF imports that module while its own
+    views are still loading."""
+
+    permission_classes = [CanView]
+
+    @extend_schema(
+        responses=inline_serializer(
+            "ApiRoot",
+            fields={
+                "user": inline_serializer(
+                    "ApiUser",
+                    fields={
+                        "username": serializers.CharField(),
+                        "can_edit": serializers.BooleanField(),
+                        "is_staff": serializers.BooleanField(),
+                    },
+                ),
+                "schema": serializers.CharField(),
+            },
+        )
+    )
+    def get(self, request: Request) -> Response:
+        user = request.user
+        return Response(
+            {
+                "user": {
+                    "username": user.get_username(),
+                    "can_edit": user_can_edit(user),
+                    "is_staff": user_is_admin(user),
+                },
+                "schema": request.build_absolute_uri("/api/schema/"),
+            }
+        )
+
+
+class SchemaView(SpectacularAPIView):
+    """`GET /api/schema/`: the OpenAPI schema, JSON by default (`?format=yaml` for YAML);
+    its errors in JSON like every other API answer, never in YAML."""
+
+    renderer_classes = [OpenApiJsonRenderer, OpenApiYamlRenderer]
+
+    def handle_exception(self, exc: Exception) -> Response:
+        response = super().handle_exception(exc)
+        self.request.accepted_renderer = JSONRenderer()
+        self.request.accepted_media_type = JSONRenderer.media_type
+        return response
+
+
+api_urlpatterns = [
+    path("", ApiRootView.as_view(), name="api-root"),
+    path("schema/", SchemaView.as_view(), name="api-schema"),
+    path("pipeline_runs", runs_api.PipelineRunList.as_view(), name="api-pipeline-runs"),
+    path("pipeline_runs/", runs_api.PipelineRunList.as_view()),
+    path("pipeline_runs/<int:pk>", runs_api.PipelineRunDetail.as_view(), name="api-pipeline-run"),
+    path("pipeline_runs/<int:pk>/", runs_api.PipelineRunDetail.as_view()),
+    *triggers_api,
+]
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
     path("admin/", admin.site.urls),
+    path("api/", include(api_urlpatterns)),
 ]
+
+# Under /api/ a missing page or a crash outside an API view is still answered in JSON.
+handler404 = "config.api.json_not_found"
+handler500 = "config.api.json_server_error"

@@ -32,6 +32,7 @@ class BlockDefinition:
     content_hash: str
     configuration: dict
     timeout: int | None
+    retry_config: dict | None
     upstreams: tuple[str, ...]
 
     @property
@@ -63,7 +64,7 @@ def pipeline_definition(pipeline_id: int, version: int) -> PipelineDefinition:
         return cached
     graph = pipeline_graph(pipeline_id)
     rows = Block.objects.filter(pipeline_id=pipeline_id).values_list(
-        "uuid", "type", "language", "content", "content_hash", "configuration", "timeout"
+        "uuid", "type", "language", "content", "content_hash", "configuration", "timeout", "retry_config"
     )
     blocks = {row[0]: BlockDefinition(*row, upstreams=tuple(graph[row[0]])) for row in rows}
     definition = PipelineDefinition(

@@ -1,6 +1,6 @@
 """Admin for runs, block runs and logs: read-only. Statuses change only in
 `runs.orchestrator`, so nothing here writes a run; operations on runs (retry, cancel)
-will be admin actions that call the run services.
+are admin actions that call the run services.
 
 The lists must stay fast with 100k runs and millions of log lines: no per-row queries
 (counts are correlated subqueries, evaluated only for the rows of the page), no full
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin import ShowFacets
 from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
@@ -21,9 +21,11 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from config.permissions import user_can_edit
 from pipelines.admin import ViewOnly
 from pipelines.models import BlockType, Pipeline
-from runs.models import BlockRun, BlockRunStatus, LogEntry, PipelineRun
+from runs import services
+from runs.models import BlockRun, BlockRunStatus, LogEntry, PipelineRun, RunAction
 
 LOG_TAIL_LINES = 200
 # A fan-out can give a run thousands of block runs; the run page shows the first ones
@@ -62,7 +64,7 @@ def _count_block_runs(**filters: Any) -> Coalesce:
 
 
 class ReadOnlyAdmin(ViewOnly, admin.ModelAdmin):
-    """View-only in the admin. Actions that operate on rows (retry, cancel) will be
+    """View-only in the admin. Actions that operate on rows (retry, cancel) are
     declared with `@admin.action(permissions=["operate"])` and a
     `has_operate_permission` method, so they do not depend on the change permission
     that stays off here. Deleting is off too: old runs are to be removed by
@@ -164,6 +166,17 @@ class BlockRunInline(ViewOnly, admin.TabularInline):
         return br.error[:200] if br.error else "-"
 
 
+class RunActionInline(ViewOnly, admin.TabularInline):
+    """The run's audit trail: who retried or cancelled it, when, and what changed."""
+
+    model = RunAction
+    fields = ("created_at", "action", "user", "detail")
+    readonly_fields = fields
+    extra = 0
+    verbose_name = "operation"
+    verbose_name_plural = "audit trail"
+
+
 @admin.register(PipelineRun)
 class PipelineRunAdmin(ReadOnlyAdmin):
     list_display = (
@@ -194,7 +207,35 @@ class PipelineRunAdmin(ReadOnlyAdmin):
         "started_at", "completed_at", "duration", "passed_sla", "waiting_for_slot", "created_at",
         "updated_at", "variables_pre", "event_pre", "metrics_pre", "log_tail",
     )
-    inlines = (BlockRunInline,)
+    inlines = (BlockRunInline, RunActionInline)
+    actions = ("retry_runs", "retry_incomplete_of_pipelines", "cancel_runs", "cancel_running_of_pipelines")
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return user_can_edit(request.user)
+
+    def _report(self, request: HttpRequest, result: services.BatchResult, verb: str) -> None:
+        level = messages.WARNING if result.refused else messages.SUCCESS
+        self.message_user(request, result.summary(verb), level)
+
+    @admin.action(description="Retry the selected runs", permissions=["operate"])
+    def retry_runs(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
+        ids = list(queryset.order_by("created_at", "id").values_list("id", flat=True))
+        self._report(request, services.runs_retry(ids, user=request.user), "Retried")
+
+    @admin.action(description="Retry incomplete blocks of every failed or cancelled run of their pipelines", permissions=["operate"])
+    def retry_incomplete_of_pipelines(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
+        for pipeline in Pipeline.objects.filter(id__in=queryset.values("pipeline_id")):
+            self._report(request, services.pipeline_retry_incomplete(pipeline, user=request.user), f"{pipeline.uuid}: retried")
+
+    @admin.action(description="Cancel the selected runs", permissions=["operate"])
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
+        ids = list(queryset.order_by("created_at", "id").values_list("id", flat=True))
+        self._report(request, services.runs_cancel(ids, user=request.user), "Cancelled")
+
+    @admin.action(description="Cancel every running run of their pipelines", permissions=["operate"])
+    def cancel_running_of_pipelines(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
+        for pipeline in Pipeline.objects.filter(id__in=queryset.values("pipeline_id")):
+            self._report(request, services.pipeline_cancel_running(pipeline, user=request.user), f"{pipeline.uuid}: cancelled")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PipelineRun]:
         return super().get_queryset(request).annotate(
@@ -283,16 +324,16 @@ class BlockRunAdmin(ReadOnlyAdmin):
         (None, {"fields": (
             "id", "run_link", "pipeline", "block_uuid", "block_type", "status", "attempt",
             "dynamic_parent_link", "dynamic_index", "worker", "code_hash",
-            "queued_at", "started_at", "completed_at", "heartbeat_at", "duration",
+            "queued_at", "started_at", "completed_at", "heartbeat_at", "next_retry_at", "duration",
         )}),
-        ("Error", {"fields": ("error_pre", "traceback_pre")}),
+        ("Error", {"fields": ("error_pre", "traceback_pre", "attempts_pre")}),
         ("Outputs and metrics", {"fields": ("outputs_pre", "metrics_pre", "logs_link")}),
         ("Timestamps", {"fields": ("created_at", "updated_at")}),
     )
     readonly_fields = (
         "id", "run_link", "pipeline", "block_uuid", "block_type", "status", "attempt",
         "dynamic_parent_link", "dynamic_index", "worker", "code_hash", "queued_at", "started_at",
-        "completed_at", "heartbeat_at", "duration", "error_pre", "traceback_pre", "outputs_pre",
+        "completed_at", "heartbeat_at", "next_retry_at", "duration", "error_pre", "traceback_pre", "attempts_pre", "outputs_pre",
         "metrics_pre", "logs_link", "created_at", "updated_at",
     )
 
@@ -331,6 +372,10 @@ class BlockRunAdmin(ReadOnlyAdmin):
     @admin.display(description="traceback")
     def traceback_pre(self, br: BlockRun) -> str:
         return _pre(br.traceback)
+
+    @admin.display(description="earlier attempts")
+    def attempts_pre(self, br: BlockRun) -> str:
+        return _json_pre(br.attempts)
 
     @admin.display(description="outputs")
     def outputs_pre(self, br: BlockRun) -> str:

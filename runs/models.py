@@ -130,6 +130,15 @@ class BlockRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Set while a failed attempt waits for its automatic retry (the block run is back in
+    # `initial`); the orchestrator queues it when the time comes, no worker sleeps.
+    next_retry_at = models.DateTimeField(null=True, blank=True)
+    # Earlier attempts, oldest first: [{"attempt", "status", "error", "traceback",
+    # "started_at", "completed_at", "worker"}]; the row itself holds the latest.
+    attempts = models.JSONField(default=list, blank=True)
+    # `attempt` when the block run was last retried by hand: automatic retries count the
+    # attempts since then, so a manual retry gets the full `retries` again.
+    attempt_base = models.PositiveIntegerField(default=0)
     worker = models.CharField(max_length=255, blank=True, default="")
     error = models.TextField(blank=True, default="")
     traceback = models.TextField(blank=True, default="")
@@ -154,6 +163,10 @@ class BlockRun(models.Model):
             ),
             models.Index(fields=["pipeline_run", "status"], name="blockrun_run_status"),
             models.Index(fields=["status", "-created_at"], name="blockrun_status_created"),
+            models.Index(
+                fields=["next_retry_at"], name="blockrun_retry_due",
+                condition=models.Q(next_retry_at__isnull=False),
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -180,6 +193,8 @@ class LogEntry(models.Model):
     message = models.TextField()
     block_uuid = models.CharField(max_length=255, blank=True, default="")
     block_type = models.CharField(max_length=32, blank=True, default="")
+    # Which attempt of the block run wrote the line (0: the run itself).
+    attempt = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["id"]
@@ -192,3 +207,28 @@ class LogEntry(models.Model):
 
     def __str__(self) -> str:
         return f"[{self.level}] {self.message[:80]}"
+
+
+class RunAction(models.Model):
+    """The audit trail of a run: who retried or cancelled it, when, and what changed."""
+
+    class Kind(models.TextChoices):
+        RETRY = "retry"
+        RETRY_INCOMPLETE = "retry_incomplete"
+        RETRY_FROM_BLOCK = "retry_from_block"
+        CANCEL = "cancel"
+        CANCEL_BLOCK = "cancel_block"
+
+    pipeline_run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="actions")
+    action = models.CharField(max_length=32, choices=Kind.choices)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # What the action changed, e.g. {"block_runs": ["load", "clean"], "block_uuid": "clean"}.
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["pipeline_run", "id"], name="runaction_run")]
+
+    def __str__(self) -> str:
+        return f"{self.action} of run {self.pipeline_run_id} at {self.created_at:%Y-%m-%d %H:%M:%S}"

@@ -24,8 +24,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
+from pipelines import dag
 from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
 from pipelines.models import NON_EXECUTABLE_TYPES, Block, Pipeline
 from pipelines.selectors import BlockDefinition, PipelineDefinition, pipeline_definition
@@ -38,6 +40,7 @@ from runs.models import (
     LogEntry,
     PipelineRun,
     PipelineRunStatus,
+    RunAction,
     RunType,
 )
 
@@ -141,11 +144,13 @@ def _advance(run_id: int, *, freed: int = 0, claim: str = "") -> tuple[list[int]
             return [], None
         if run.status == PipelineRunStatus.INITIAL and not _may_start(run):
             return [], None
-        rows = _block_statuses(run_id)
-        ids = {uuid: pk for pk, uuid, _, _ in rows}
-        status = {uuid: st for _, uuid, st, _ in rows}
+        rows = _block_statuses(run_id, now)
+        ids = {uuid: pk for pk, uuid, _, _, _ in rows}
+        status = {uuid: st for _, uuid, st, _, _ in rows}
+        retry_later = {uuid for _, uuid, _, _, waits in rows if waits}
         definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
         ready, skipped, broken = _classify(definition, status)
+        ready = [u for u in ready if u not in retry_later]
         if broken:
             BlockRun.objects.filter(id__in=[ids[u] for u, _ in broken], status=S.INITIAL).update(
                 status=S.UPSTREAM_FAILED, completed_at=now, updated_at=now
@@ -169,11 +174,13 @@ def _advance(run_id: int, *, freed: int = 0, claim: str = "") -> tuple[list[int]
             queued = [ids[u] for u in ready[:room]]
             if claim and len(queued) == 1:
                 _claim(queued[0], claim, now, from_status=S.INITIAL)
-                attempt = next(a for pk, _, _, a in rows if pk == queued[0]) + 1
+                attempt = next(a for pk, _, _, a, _ in rows if pk == queued[0]) + 1
                 claimed = _Claimed(run, definition, queued[0], ready[0], claim, attempt)
                 status[ready[0]], queued = S.RUNNING, []
             elif queued:
-                BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(status=S.QUEUED, queued_at=now, updated_at=now)
+                BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(
+                    status=S.QUEUED, queued_at=now, next_retry_at=None, updated_at=now,
+                )
                 for u in ready[:room]:
                     status[u] = S.QUEUED
         _set_run_status(run, status, waiting, now)
@@ -283,10 +290,14 @@ def _set_run_status(run: PipelineRun, status: dict[str, str], waiting: bool, now
     changes: dict[str, Any] = {}
     if all(s in BLOCK_TERMINAL for s in status.values()):
         values = set(status.values())
-        if values & {S.FAILED, S.UPSTREAM_FAILED}:
+        # Blocks below a cancelled block are upstream_failed too; with no failure in the
+        # run, it was cancelled.
+        if S.FAILED in values:
             final = PipelineRunStatus.FAILED
         elif S.CANCELLED in values:
             final = PipelineRunStatus.CANCELLED
+        elif S.UPSTREAM_FAILED in values:
+            final = PipelineRunStatus.FAILED
         else:
             final = PipelineRunStatus.COMPLETED
         changes.update(status=final, completed_at=now, waiting_for_slot=False, waiting_for_run_slot=False)
@@ -355,8 +366,8 @@ def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
     definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
     upstream_outputs = None
     while True:
-        result, code_hash = _execute(block_run, claim, definition, upstream_outputs)
-        queued, claimed = _finish(block_run, claim, result, code_hash=code_hash, claim_next=inline)
+        result, logs = _execute(block_run, claim, definition, upstream_outputs)
+        queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline)
         if claimed is None:
             return queued
         block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
@@ -381,14 +392,16 @@ def _db_json(field: str, value: Any) -> Any:
     return BlockRun._meta.get_field(field).get_db_prep_save(value, connection)
 
 
-def _block_statuses(run_id: int) -> list[tuple[int, str, str, int]]:
-    """(id, block_uuid, status, attempt) of a run's block runs (not dynamic children)."""
+def _block_statuses(run_id: int, now: datetime) -> list[tuple[int, str, str, int, bool]]:
+    """(id, block_uuid, status, attempt, waiting for a retry) of a run's block runs (not
+    dynamic children)."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT id, block_uuid, status, attempt FROM {_BR} WHERE pipeline_run_id = %s AND dynamic_parent_id IS NULL",
-            [run_id],
+            f"SELECT id, block_uuid, status, attempt, (next_retry_at IS NOT NULL AND next_retry_at > %s) "
+            f"FROM {_BR} WHERE pipeline_run_id = %s AND dynamic_parent_id IS NULL",
+            [_db_time(now), run_id],
         )
-        return cursor.fetchall()
+        return [(pk, uuid, st, attempt, bool(waits)) for pk, uuid, st, attempt, waits in cursor.fetchall()]
 
 
 def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S.QUEUED) -> bool:
@@ -399,7 +412,7 @@ def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {_BR} SET status = %s, claim = %s, attempt = attempt + 1, started_at = %s, heartbeat_at = %s, "
-            f"completed_at = NULL, worker = %s, error = '', traceback = '', updated_at = %s{queued_at} "
+            f"completed_at = NULL, next_retry_at = NULL, worker = %s, error = '', traceback = '', updated_at = %s{queued_at} "
             "WHERE id = %s AND status = %s",
             params,
         )
@@ -441,22 +454,18 @@ def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict
 
 def _execute(
     block_run: BlockRun, claim: str, definition: PipelineDefinition, upstream_outputs: dict[str, list[dict]] | None,
-) -> tuple[ExecutionResult, str]:
-    """Run a claimed block run's code; returns the result and the hash of the code."""
+) -> tuple[ExecutionResult, _LogWriter]:
+    """Run a claimed block run's code. Returns the result and the log lines not written
+    yet (`_finish` writes them with the result, if the attempt still holds its claim)."""
+    logs = _LogWriter(block_run, claim)
     block = definition.blocks.get(block_run.block_uuid)
     if block is None:
         error = f"Block {block_run.block_uuid} no longer exists in pipeline {block_run.pipeline_run.pipeline.uuid}"
-        return ExecutionResult(status=S.FAILED, error=error), ""
-    logs = _LogWriter(block_run)
-
-    def tick() -> bool:
-        logs.flush()
-        return bool(BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(heartbeat_at=timezone.now()))
-
+        return ExecutionResult(status=S.FAILED, error=error), logs
+    logs.code_hash = block.content_hash
     spec = _spec(block_run, block, upstream_outputs)
-    result = run_block(spec, on_log=logs.add, on_tick=tick, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
-    logs.flush()
-    return result, block.content_hash
+    result = run_block(spec, on_log=logs.add, on_tick=logs.heartbeat, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
+    return result, logs
 
 
 def _spec(block_run: BlockRun, block: BlockDefinition, outputs: dict[str, list[dict]] | None = None) -> BlockSpec:
@@ -493,60 +502,161 @@ def _spec(block_run: BlockRun, block: BlockDefinition, outputs: dict[str, list[d
 
 
 class _LogWriter:
-    """Collects a block's log lines and writes them in batches."""
+    """Collects a running attempt's log lines and writes them in batches, each batch in
+    one transaction with a heartbeat that succeeds only while the attempt holds its
+    claim: once a block run is cancelled or taken over, its old attempt writes nothing
+    more, not even a log line."""
 
     BATCH = 500
     EVERY = 0.5  # seconds
 
-    def __init__(self, block_run: BlockRun):
+    def __init__(self, block_run: BlockRun, claim: str):
         self.block_run = block_run
+        self.claim = claim
+        self.code_hash = ""
         self.lines: list[LogLine] = []
         self.last = time.monotonic()
+        self.fenced = False
 
     def add(self, lines: list[LogLine]) -> None:
         self.lines.extend(lines)
         if len(self.lines) >= self.BATCH or time.monotonic() - self.last >= self.EVERY:
-            self.flush()
+            self.heartbeat()
 
-    def flush(self) -> None:
+    def heartbeat(self) -> bool:
+        """Record a heartbeat and write the waiting lines; False once the claim is lost
+        (the caller then kills the block)."""
         self.last = time.monotonic()
+        if self.fenced:
+            return False
+        with transaction.atomic():
+            alive = BlockRun.objects.filter(pk=self.block_run.pk, claim=self.claim, status=S.RUNNING).update(
+                heartbeat_at=timezone.now()
+            )
+            if alive:
+                self.write()
+        if not alive:
+            self.fenced, self.lines = True, []
+        return bool(alive)
+
+    def write(self) -> None:
+        """Write the waiting lines; the caller has checked the claim in this transaction."""
         if not self.lines:
             return
         br = self.block_run
         rows = [
-            _log_row(br.pipeline_run_id, br.pk, datetime.fromtimestamp(line.timestamp, tz=UTC), line.level, line.message, br.block_uuid, br.block_type)
+            _log_row(br.pipeline_run_id, br.pk, datetime.fromtimestamp(line.timestamp, tz=UTC), line.level, line.message, br.block_uuid, br.block_type, br.attempt)
             for line in self.lines
         ]
         self.lines = []
         LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
 
 
-def _log_row(run_id: int, block_run_id: int | None, ts: datetime, level: str, message: str, block_uuid: str = "", block_type: str = "") -> LogEntry:
+def _log_row(
+    run_id: int, block_run_id: int | None, ts: datetime, level: str, message: str,
+    block_uuid: str = "", block_type: str = "", attempt: int = 0,
+) -> LogEntry:
     return LogEntry(
         pipeline_run_id=run_id, block_run_id=block_run_id, timestamp=ts, level=level[:10],
-        message=message, block_uuid=block_uuid, block_type=block_type,
+        message=message, block_uuid=block_uuid, block_type=block_type, attempt=attempt,
     )
 
 
 def _finish(
-    block_run: BlockRun, claim: str, result: ExecutionResult, *, code_hash: str = "", claim_next: bool = False,
+    block_run: BlockRun, claim: str, result: ExecutionResult, *, logs: _LogWriter | None = None, claim_next: bool = False,
 ) -> tuple[list[int], _Claimed | None]:
     """Record the result (and the hash of the code that ran) if this attempt still holds
-    the claim, then advance the run in the same transaction. Returns the block runs the
-    advance queued and, with `claim_next` and exactly one block ready, that one already
-    claimed for the caller to run."""
+    the claim, then advance the run in the same transaction. A failed attempt with
+    retries left goes back to `initial` with the time of its next attempt instead.
+    Returns the block runs the advance queued and, with `claim_next` and exactly one
+    block ready, that one already claimed for the caller to run."""
     now = timezone.now()
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
+    retry_at = _retry_at(block_run, now) if status == S.FAILED else None
     with transaction.atomic():
-        if not _record_result(block_run.pk, claim, status, result, code_hash, now):
+        if retry_at is not None:
+            won = _record_retry(block_run, claim, result, retry_at, now)
+        else:
+            won = _record_result(block_run.pk, claim, status, result, logs.code_hash if logs else "", now)
+        if not won:
             return [], None
+        if logs is not None:
+            logs.write()
         if status == S.FAILED:
+            then = f"; attempt {block_run.attempt + 1} at {retry_at:%H:%M:%S} UTC" if retry_at else ""
             LogEntry.objects.create(
                 pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="ERROR",
-                message=f"Block {block_run.block_uuid} failed: {result.error}" + (f"\n{result.traceback}" if result.traceback else ""),
-                block_uuid=block_run.block_uuid, block_type=block_run.block_type,
+                message=f"Block {block_run.block_uuid} failed (attempt {block_run.attempt}){then}: {result.error}"
+                + (f"\n{result.traceback}" if result.traceback else ""),
+                block_uuid=block_run.block_uuid, block_type=block_run.block_type, attempt=block_run.attempt,
             )
-        return _advance(block_run.pipeline_run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next else "")
+        return _advance(block_run.pipeline_run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "")
+
+
+# --- automatic retries ---------------------------------------------------------------------
+
+def retry_policy(block_config: dict | None, pipeline_config: dict | None) -> tuple[int, float, bool, float | None]:
+    """(retries, delay, exponential_backoff, max_delay) for a block: its own
+    `retry_config` when it has one, else its pipeline's (unlike Mage, which ignores the
+    pipeline's). No config: no retry."""
+    config = block_config or pipeline_config or {}
+    retries = max(0, int(config.get("retries") or 0))
+    delay = max(0.0, float(config.get("delay") if config.get("delay") is not None else 5))
+    max_delay = config.get("max_delay")
+    return retries, delay, bool(config.get("exponential_backoff")), float(max_delay) if max_delay is not None else None
+
+
+def retry_delay(attempt: int, delay: float, exponential: bool, max_delay: float | None) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based)."""
+    wait = delay * (2 ** (attempt - 1)) if exponential else delay
+    return min(wait, max_delay) if max_delay is not None else wait
+
+
+def _retry_at(block_run: BlockRun, now: datetime) -> datetime | None:
+    """When the next attempt of a failed block run is due, or None when it has used its
+    retries (`retries: 0` means exactly one attempt, a timeout included)."""
+    run = block_run.pipeline_run
+    block = pipeline_definition(run.pipeline_id, run.pipeline.version).blocks.get(block_run.block_uuid)
+    if block is None:
+        return None
+    retries, delay, exponential, max_delay = retry_policy(block.retry_config, run.pipeline.retry_config)
+    attempt = max(block_run.attempt - block_run.attempt_base, 1)
+    if attempt > retries:
+        return None
+    return now + timedelta(seconds=retry_delay(attempt, delay, exponential, max_delay))
+
+
+def _record_retry(block_run: BlockRun, claim: str, result: ExecutionResult, retry_at: datetime, now: datetime) -> bool:
+    """Put a failed attempt aside (in `attempts`) and send the block run back to
+    `initial` until `retry_at`, if the attempt still holds its claim."""
+    current = BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).values(
+        "attempt", "attempts", "started_at", "worker"
+    ).first()
+    if current is None:
+        return False
+    history = list(current["attempts"] or []) + [{
+        "attempt": current["attempt"], "status": S.FAILED, "error": result.error[:10000], "traceback": result.traceback,
+        "started_at": current["started_at"].isoformat() if current["started_at"] else None,
+        "completed_at": now.isoformat(), "worker": current["worker"],
+    }]
+    return bool(BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(
+        status=S.INITIAL, claim="", next_retry_at=retry_at, attempts=history, error=result.error[:10000],
+        traceback=result.traceback, metrics=result.metrics, completed_at=None, updated_at=now,
+    ))
+
+
+def retries_due(now: datetime | None = None) -> list[int]:
+    """Advance the runs whose block runs wait for a retry that is due now (the
+    scheduler's pass calls it; a run executed by `run_pipeline --sync` polls by itself).
+    Returns what was queued."""
+    now = now or timezone.now()
+    run_ids = set(BlockRun.objects.filter(
+        status=S.INITIAL, next_retry_at__isnull=False, next_retry_at__lte=now,
+    ).values_list("pipeline_run_id", flat=True))
+    queued: list[int] = []
+    for run_id in sorted(run_ids):
+        queued += advance(run_id)
+    return queued
 
 
 def wake_waiting_runs(limit: int = 20) -> list[int]:
@@ -621,19 +731,150 @@ def enforce_deadlines(now: datetime | None = None) -> dict[str, int]:
     return done
 
 
+# --- operations: retry and cancel, each recorded in the run's audit trail -------------------
+
+class ActionRefused(Exception):
+    """The operation makes no sense for the run or block run as it is; says why."""
+
+
+RETRY_MODES = {"all": RunAction.Kind.RETRY, "incomplete": RunAction.Kind.RETRY_INCOMPLETE, "from_block": RunAction.Kind.RETRY_FROM_BLOCK}
+
+
+def run_retry(run_id: int, *, mode: str = "all", block_uuid: str | None = None, user: Any = None) -> list[str]:
+    """Run a finished run again, with the blocks' current code, and return the uuids of
+    the block runs that will run again.
+
+    1. Refuse a run that has not finished (cancel it first).
+    2. Choose the block runs: `all` (from scratch), `incomplete` (every one not
+       completed), `from_block` (that block and everything downstream of it, whatever
+       their status). Completed block runs left out keep their outputs, which the
+       retried blocks read.
+    3. Put each chosen one back to `initial`, its last attempt kept in `attempts`, its
+       attempt counter kept, and a fresh budget of automatic retries.
+    4. Put the run back to `initial` (its timeout clock starts again when it starts),
+       record who did what, and advance it once the transaction commits.
+    """
+    if mode not in RETRY_MODES:
+        raise ActionRefused(f"Unknown retry mode {mode!r}; use one of {', '.join(RETRY_MODES)}")
+    now = timezone.now()
+    with transaction.atomic():
+        run = _lock_run(run_id)
+        if run is None:
+            raise ActionRefused(f"Run {run_id} does not exist")
+        if run.status not in RUN_TERMINAL:
+            raise ActionRefused(f"Run {run_id} is {run.status}: only a finished run can be retried (cancel it first)")
+        targets = _retry_targets(run, mode, block_uuid)
+        for row in BlockRun.objects.filter(pipeline_run_id=run_id, block_uuid__in=targets).order_by("id"):
+            _reset_block_run(row, now)
+        PipelineRun.objects.filter(pk=run_id).update(
+            status=PipelineRunStatus.INITIAL, started_at=None, completed_at=None,
+            waiting_for_slot=False, waiting_for_run_slot=False, updated_at=now,
+        )
+        detail = {"block_runs": targets, "previous_status": run.status, **({"block_uuid": block_uuid} if block_uuid else {})}
+        _audit(run_id, RETRY_MODES[mode], user, detail)
+        LogEntry.objects.create(
+            pipeline_run_id=run_id, timestamp=now, level="INFO",
+            message=f"Run retried ({mode.replace('_', ' ')}) by {_who(user)}: {', '.join(targets)}",
+        )
+        dispatch(advance(run_id))
+    return targets
+
+
+def _retry_targets(run: PipelineRun, mode: str, block_uuid: str | None) -> list[str]:
+    rows = dict(BlockRun.objects.filter(pipeline_run=run, dynamic_parent__isnull=True).values_list("block_uuid", "status"))
+    if mode == "all":
+        targets = list(rows)
+    elif mode == "incomplete":
+        targets = [u for u, st in rows.items() if st != S.COMPLETED]
+    else:
+        if not block_uuid or block_uuid not in rows:
+            raise ActionRefused(f"Run {run.pk} has no block {block_uuid!r} to retry from")
+        definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
+        below = dag.descendants(definition.graph, block_uuid) if block_uuid in definition.graph else set()
+        targets = [u for u in rows if u == block_uuid or u in below]
+    if not targets:
+        raise ActionRefused(f"Run {run.pk} has nothing to retry: every block run completed")
+    return targets
+
+
+def _reset_block_run(row: BlockRun, now: datetime) -> None:
+    history = list(row.attempts or [])
+    if row.attempt and row.started_at:
+        history.append({
+            "attempt": row.attempt, "status": row.status, "error": row.error, "traceback": row.traceback,
+            "started_at": row.started_at.isoformat(), "completed_at": row.completed_at.isoformat() if row.completed_at else None,
+            "worker": row.worker,
+        })
+    BlockRun.objects.filter(pk=row.pk).update(
+        status=S.INITIAL, claim="", next_retry_at=None, attempts=history, attempt_base=row.attempt,
+        error="", traceback="", outputs=[], queued_at=None, started_at=None, completed_at=None,
+        heartbeat_at=None, updated_at=now,
+    )
+
+
+def run_cancel(run_id: int, *, user: Any = None) -> None:
+    """Cancel a run: every unfinished block run becomes `cancelled`, and the workers
+    kill the process tree of each running one at their next heartbeat (within
+    MILLRACE_HEARTBEAT_INTERVAL). A finished run is refused, so cancelling twice changes
+    nothing."""
+    with transaction.atomic():
+        status = PipelineRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+        if status is None:
+            raise ActionRefused(f"Run {run_id} does not exist")
+        if not run_stop(run_id, status=PipelineRunStatus.CANCELLED, reason=f"cancelled by {_who(user)}"):
+            raise ActionRefused(f"Run {run_id} is {status}: it has already finished")
+        _audit(run_id, RunAction.Kind.CANCEL, user, {"previous_status": status})
+
+
+def block_run_cancel(block_run_id: int, *, user: Any = None) -> None:
+    """Cancel one block run that has not finished; its downstream blocks will not run
+    (upstream_failed) and the rest of the run goes on."""
+    now = timezone.now()
+    with transaction.atomic():
+        row = BlockRun.objects.filter(pk=block_run_id).values_list("pipeline_run_id", "block_uuid", "status").first()
+        if row is None:
+            raise ActionRefused(f"Block run {block_run_id} does not exist")
+        run_id, uuid, status = row
+        if not BlockRun.objects.filter(pk=block_run_id, status__in=[S.INITIAL, S.QUEUED, S.RUNNING]).update(
+            status=S.CANCELLED, claim="", next_retry_at=None, completed_at=now, updated_at=now,
+        ):
+            raise ActionRefused(f"Block run {uuid} of run {run_id} is {status}: it has already finished")
+        _audit(run_id, RunAction.Kind.CANCEL_BLOCK, user, {"block_uuid": uuid, "previous_status": status})
+        LogEntry.objects.create(
+            pipeline_run_id=run_id, block_run_id=block_run_id, timestamp=now, level="WARNING",
+            message=f"Block {uuid} cancelled by {_who(user)}", block_uuid=uuid,
+        )
+        dispatch(advance(run_id) + wake_waiting_runs())
+
+
+def _audit(run_id: int, action: str, user: Any, detail: dict) -> None:
+    RunAction.objects.create(pipeline_run_id=run_id, action=action, user=user if getattr(user, "pk", None) else None, detail=detail)
+
+
+def _who(user: Any) -> str:
+    return getattr(user, "username", "") or "the system"
+
+
 # --- 4. reconcile --------------------------------------------------------------------------
 
 def reconcile(now: datetime | None = None) -> dict[str, int]:
-    """Repair what dead workers left: a running block run whose heartbeat is older than
-    the limit is failed; a queued one whose task went missing is sent again; a running
-    run with nothing active is advanced. Returns counts of what it did."""
+    """Repair what dead workers left: a running block run whose heartbeat (or, before the
+    first one, start) is older than the limit is failed, or retried when it has retries
+    left, which also frees its concurrency slot; a queued one whose task went missing is
+    sent again; retries that are due are queued; a run with nothing active is advanced.
+    Returns counts of what it did."""
     now = now or timezone.now()
     limit = timedelta(seconds=settings.MILLRACE_HEARTBEAT_LIMIT)
-    done = {"failed": 0, "requeued": 0, "advanced": 0}
-    for br in BlockRun.objects.filter(status=S.RUNNING, heartbeat_at__lt=now - limit):
-        error = f"The worker running this block stopped heartbeating (last heartbeat {br.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead"
+    done = {"failed": 0, "requeued": 0, "retried": 0, "advanced": 0}
+    stale = Q(heartbeat_at__lt=now - limit) | Q(heartbeat_at__isnull=True, started_at__lt=now - limit)
+    for br in BlockRun.objects.filter(stale, status=S.RUNNING).select_related("pipeline_run__pipeline"):
+        seen = br.heartbeat_at or br.started_at
+        error = f"The worker running this block stopped heartbeating (last sign of life {seen:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead"
         dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error))[0])
         done["failed"] += 1
+    retried = retries_due(now)
+    dispatch(retried)
+    done["retried"] = len(retried)
     lost = list(BlockRun.objects.filter(status=S.QUEUED, queued_at__lt=now - limit).values_list("id", flat=True))
     if lost:
         BlockRun.objects.filter(id__in=lost, status=S.QUEUED).update(queued_at=now)
@@ -643,7 +884,7 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     # stalled, and the tick stays cheap.
     idle = PipelineRun.objects.filter(
         status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING], updated_at__lt=now - limit,
-    ).exclude(block_runs__status__in=list(BLOCK_ACTIVE)).values_list("id", flat=True)
+    ).exclude(block_runs__status__in=list(BLOCK_ACTIVE)).order_by("created_at").values_list("id", flat=True)
     for run_id in idle:
         dispatch(advance(run_id))
         done["advanced"] += 1

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import execution
+from pipelines.models import Pipeline
 from runs import orchestrator
-from runs.models import RUN_TERMINAL, BlockRunStatus, PipelineRun
+from runs.models import RUN_TERMINAL, BlockRunStatus, PipelineRun, PipelineRunStatus
 
 
 def run_execute_sync(run: PipelineRun, *, poll: float = 0.05) -> PipelineRun:
@@ -58,3 +61,63 @@ def run_summary(run: PipelineRun) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# --- batch operations (pages, admin actions, API and commands all call these) --------------
+
+@dataclass
+class BatchResult:
+    """What a batch operation did: the runs it changed, and the runs it refused with
+    the reason for each."""
+
+    changed: list[int] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.changed)
+
+    def summary(self, verb: str) -> str:
+        text = f"{verb} {self.count} run{'s' if self.count != 1 else ''}"
+        if self.refused:
+            text += f"; refused {len(self.refused)}: " + "; ".join(self.refused.values())
+        return text
+
+
+def _each(run_ids: Iterable[int], operation: Callable[[int], Any]) -> BatchResult:
+    result = BatchResult()
+    for run_id in run_ids:
+        try:
+            operation(run_id)
+        except orchestrator.ActionRefused as exc:
+            result.refused[run_id] = str(exc)
+        else:
+            result.changed.append(run_id)
+    return result
+
+
+def runs_retry(run_ids: Iterable[int], *, mode: str = "all", user: Any = None) -> BatchResult:
+    """Retry each of the runs (`all`: from scratch; `incomplete`: the blocks that did
+    not complete). Runs still going are refused."""
+    return _each(run_ids, lambda pk: orchestrator.run_retry(pk, mode=mode, user=user))
+
+
+def pipeline_retry_incomplete(pipeline: Pipeline, *, user: Any = None) -> BatchResult:
+    """Retry the incomplete block runs of every failed or cancelled run of a pipeline."""
+    ids = PipelineRun.objects.filter(
+        pipeline=pipeline, status__in=[PipelineRunStatus.FAILED, PipelineRunStatus.CANCELLED],
+    ).order_by("created_at", "id").values_list("id", flat=True)
+    return runs_retry(list(ids), mode="incomplete", user=user)
+
+
+def runs_cancel(run_ids: Iterable[int], *, user: Any = None) -> BatchResult:
+    """Cancel each of the runs; finished runs are refused."""
+    return _each(run_ids, lambda pk: orchestrator.run_cancel(pk, user=user))
+
+
+def pipeline_cancel_running(pipeline: Pipeline, *, user: Any = None) -> BatchResult:
+    """Cancel every run of a pipeline that has not finished (running, or waiting to)."""
+    ids = PipelineRun.objects.filter(
+        pipeline=pipeline, status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING],
+    ).order_by("created_at", "id").values_list("id", flat=True)
+    return runs_cancel(list(ids), user=user)

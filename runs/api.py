@@ -1,0 +1,121 @@
+"""Read-only API over pipeline runs, in Mage's names (`pipeline_runs`, `block_runs`).
+
+`runs` knows nothing of `triggers`: the trigger that started a run is its `trigger_id`
+column, shown as Mage's `pipeline_schedule_id`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django import forms
+from django.db.models import Prefetch, QuerySet
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from config.api import envelope, envelope_schema
+from config.permissions import CanView
+from runs.models import BlockRun, PipelineRun, PipelineRunStatus, RunType
+
+
+class BlockRunBriefSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = BlockRun
+        fields = ["id", "block_uuid", "status", "attempt", "started_at", "completed_at", "error"]
+        read_only_fields = fields
+
+
+class PipelineRunCreatedSerializer(serializers.ModelSerializer):
+    """What a caller of the API trigger learns about the run it started: no more."""
+
+    pipeline_uuid = serializers.CharField(source="pipeline.uuid", read_only=True)
+    pipeline_schedule_id = serializers.IntegerField(source="trigger_id", read_only=True, allow_null=True)
+
+    class Meta:
+        model = PipelineRun
+        fields = [
+            "id", "status", "pipeline_uuid", "execution_date", "variables",
+            "pipeline_schedule_id", "created_at",
+        ]
+        read_only_fields = fields
+
+
+class PipelineRunSerializer(serializers.ModelSerializer):
+    pipeline_uuid = serializers.CharField(source="pipeline.uuid", read_only=True)
+    pipeline_schedule_id = serializers.IntegerField(source="trigger_id", read_only=True, allow_null=True)
+    backfill_id = serializers.IntegerField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = PipelineRun
+        fields = [
+            "id", "pipeline_uuid", "pipeline_schedule_id", "backfill_id", "status", "run_type",
+            "execution_date", "variables", "event", "started_at", "completed_at", "passed_sla",
+            "created_at", "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class PipelineRunDetailSerializer(PipelineRunSerializer):
+    block_runs = BlockRunBriefSerializer(many=True, read_only=True)
+
+    class Meta(PipelineRunSerializer.Meta):
+        fields = [*PipelineRunSerializer.Meta.fields, "block_runs"]
+        read_only_fields = fields
+
+
+class _IntegerFilter(django_filters.Filter):
+    # django-filter's NumberFilter takes decimals; an id is an integer or an error.
+    field_class = forms.IntegerField
+
+
+class PipelineRunFilter(django_filters.FilterSet):
+    pipeline_uuid = django_filters.CharFilter(field_name="pipeline__uuid")
+    status = django_filters.ChoiceFilter(choices=PipelineRunStatus.choices)
+    run_type = django_filters.ChoiceFilter(choices=RunType.choices)
+    pipeline_schedule_id = _IntegerFilter(field_name="trigger_id")
+
+    class Meta:
+        model = PipelineRun
+        fields: list[str] = []
+
+
+def pipeline_runs_for_api() -> QuerySet[PipelineRun]:
+    """Newest first, the pipeline joined so that a page costs one query whatever its
+    size (plus the count)."""
+    return PipelineRun.objects.select_related("pipeline").order_by("-created_at", "-id")
+
+
+class PipelineRunList(generics.ListAPIView):
+    """`GET /api/pipeline_runs`: `?pipeline_uuid=&status=&run_type=&pipeline_schedule_id=`,
+    paginated with `?_limit=&_offset=`."""
+
+    permission_classes = [CanView]
+    serializer_class = PipelineRunSerializer
+    filterset_class = PipelineRunFilter
+    envelope_many = "pipeline_runs"
+
+    def get_queryset(self) -> QuerySet[PipelineRun]:
+        return pipeline_runs_for_api()
+
+    @extend_schema(responses=envelope_schema("pipeline_runs", PipelineRunSerializer, many=True))
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class PipelineRunDetail(generics.RetrieveAPIView):
+    """`GET /api/pipeline_runs/<id>` with its block runs."""
+
+    permission_classes = [CanView]
+    serializer_class = PipelineRunDetailSerializer
+
+    def get_queryset(self) -> QuerySet[PipelineRun]:
+        return pipeline_runs_for_api().prefetch_related(
+            Prefetch("block_runs", queryset=BlockRun.objects.order_by("id"))
+        )
+
+    @extend_schema(responses=envelope_schema("pipeline_run", PipelineRunDetailSerializer))
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return envelope("pipeline_run", self.get_serializer(self.get_object()).data)

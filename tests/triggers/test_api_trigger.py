@@ -1,0 +1,343 @@
+"""The API trigger `POST /api/pipeline_schedules/<id>/pipeline_runs/<token>`, token
+rotation, and the read-only `pipeline_runs` API that shows the runs it starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.contrib.auth.models import Group
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from rest_framework.test import APIClient
+
+from pipelines.models import Pipeline
+from runs.models import BlockRun, PipelineRun, RunType
+from tests.helpers import block_code, make_pipeline
+from triggers import services
+from triggers.api import API_TRIGGER_MAX_BODY
+from triggers.models import ApiRequest, Trigger
+
+pytestmark = [pytest.mark.django_db, pytest.mark.sqlite]
+
+
+@pytest.fixture
+def pipeline() -> Pipeline:
+    return make_pipeline(
+        "orders",
+        [
+            ("load", "data_loader", block_code("data_loader", "return 1")),
+            ("clean", "transformer", block_code("transformer", "return 2"), ["load"]),
+        ],
+        variables={"region": "eu", "limit": 10},
+    )
+
+
+@pytest.fixture
+def trigger(pipeline: Pipeline) -> Trigger:
+    return services.trigger_create(
+        pipeline=pipeline, name="webhook", schedule_type="api", status="active", variables={"limit": 20},
+    )
+
+
+@pytest.fixture
+def editor(django_user_model):
+    user = django_user_model.objects.create_user("erin", password="pw")
+    user.groups.add(Group.objects.get_or_create(name="editors")[0])
+    return user
+
+
+@pytest.fixture
+def viewer(django_user_model):
+    user = django_user_model.objects.create_user("vic", password="pw")
+    user.groups.add(Group.objects.get_or_create(name="viewers")[0])
+    return user
+
+
+def fire(trigger: Trigger, body: object = None, *, token: str | None = None, raw: bytes | None = None, **headers) -> object:
+    client = APIClient()
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    url = f"/api/pipeline_schedules/{trigger.pk}/pipeline_runs/{trigger.token if token is None else token}"
+    return client.generic("POST", url, data, content_type="application/json", **headers)
+
+
+def assert_nothing_created() -> None:
+    assert PipelineRun.objects.count() == 0
+    assert BlockRun.objects.count() == 0
+    assert ApiRequest.objects.count() == 0
+
+
+def test_the_right_token_starts_a_run_with_the_merged_variables(trigger: Trigger) -> None:
+    response = fire(trigger, {"pipeline_run": {"variables": {"limit": 30, "day": "2024-05-01"}}})
+
+    assert response.status_code == 200, response.content
+    body = response.json()["pipeline_run"]
+    run = PipelineRun.objects.get()
+    assert body["id"] == run.pk
+    assert body["pipeline_uuid"] == "orders"
+    assert body["pipeline_schedule_id"] == trigger.pk
+    assert body["status"] == run.status
+    assert body["variables"] == {"region": "eu", "limit": 30, "day": "2024-05-01"}
+    assert body["execution_date"] and body["created_at"]
+    assert run.trigger_id == trigger.pk
+    assert run.run_type == RunType.API
+    # Pipeline's, then the trigger's, then the caller's.
+    assert run.variables == {"region": "eu", "limit": 30, "day": "2024-05-01"}
+    assert sorted(run.block_runs.values_list("block_uuid", flat=True)) == ["clean", "load"]
+
+
+def test_an_empty_body_runs_with_the_triggers_variables(trigger: Trigger) -> None:
+    response = fire(trigger)
+
+    assert response.status_code == 200, response.content
+    assert PipelineRun.objects.get().variables == {"region": "eu", "limit": 20}
+
+
+def test_a_wrong_token_is_refused_and_creates_nothing(trigger: Trigger) -> None:
+    response = fire(trigger, {"pipeline_run": {"variables": {}}}, token="not-the-token")
+
+    assert response.status_code == 403
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == 403
+    assert_nothing_created()
+
+
+def test_a_token_of_another_trigger_is_refused(pipeline: Pipeline, trigger: Trigger) -> None:
+    other = services.trigger_create(pipeline=pipeline, name="other", schedule_type="api", status="active")
+
+    response = fire(trigger, token=other.token)
+
+    assert response.status_code == 403
+    assert_nothing_created()
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_the_route_without_a_token_is_refused_in_json(trigger: Trigger, suffix: str) -> None:
+    response = APIClient().post(
+        f"/api/pipeline_schedules/{trigger.pk}/pipeline_runs{suffix}", {}, format="json"
+    )
+
+    assert response.status_code == 403
+    assert "token" in response.json()["error"]["message"].lower()
+    assert_nothing_created()
+
+
+def test_an_unknown_trigger_is_404(trigger: Trigger) -> None:
+    response = APIClient().post(f"/api/pipeline_schedules/{trigger.pk + 1000}/pipeline_runs/{trigger.token}")
+
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found"
+    assert_nothing_created()
+
+
+def test_a_time_trigger_cannot_be_fired_through_the_api(pipeline: Pipeline) -> None:
+    timed = services.trigger_create(
+        pipeline=pipeline, name="nightly", schedule_type="time", schedule_interval="@daily", status="active"
+    )
+
+    response = fire(timed)
+
+    assert response.status_code == 404
+    assert_nothing_created()
+
+
+def test_a_paused_trigger_answers_409(trigger: Trigger) -> None:
+    services.trigger_pause(trigger)
+
+    response = fire(trigger, {"pipeline_run": {"variables": {"a": 1}}})
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == 409
+    assert_nothing_created()
+
+
+@pytest.mark.parametrize("raw", [b'{"pipeline_run": {"variables": ', b"\xff\xfe{}", b"not json"])
+def test_a_malformed_body_is_400(trigger: Trigger, raw: bytes) -> None:
+    response = fire(trigger, raw=raw)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == 400
+    assert_nothing_created()
+
+
+@pytest.mark.parametrize("body", [[1, 2], "text", {"pipeline_run": [1]}])
+def test_a_body_that_is_not_an_object_is_400(trigger: Trigger, body: object) -> None:
+    response = fire(trigger, body)
+
+    assert response.status_code == 400
+    assert_nothing_created()
+
+
+@pytest.mark.parametrize("variables", [[1, 2], "a=1", 3])
+def test_variables_that_are_not_an_object_are_400_naming_the_field(trigger: Trigger, variables: object) -> None:
+    response = fire(trigger, {"pipeline_run": {"variables": variables}})
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "variables" in error["fields"]
+    assert_nothing_created()
+
+
+def test_a_body_over_one_megabyte_is_413(trigger: Trigger) -> None:
+    padding = "x" * API_TRIGGER_MAX_BODY
+    response = fire(trigger, {"pipeline_run": {"variables": {"blob": padding}}})
+
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == 413
+    assert_nothing_created()
+
+
+def test_a_declared_length_over_the_limit_is_413_before_reading(trigger: Trigger) -> None:
+    # The header alone decides: a client announcing 5 MB is stopped before it sends it.
+    response = fire(trigger, raw=b"{}", CONTENT_LENGTH=str(5 * API_TRIGGER_MAX_BODY))
+
+    assert response.status_code == 413
+    assert_nothing_created()
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(trigger: Trigger) -> None:
+    body = json.dumps({"pipeline_run": {"variables": {"a": 1}}}).encode()
+    raw = body + b" " * (API_TRIGGER_MAX_BODY - len(body))
+
+    response = fire(trigger, raw=raw)
+
+    assert response.status_code == 200, response.content
+    assert PipelineRun.objects.get().variables["a"] == 1
+
+
+def test_a_retry_with_the_same_idempotency_key_returns_the_same_run(trigger: Trigger) -> None:
+    body = {"pipeline_run": {"variables": {"day": "2024-05-01"}}}
+    first = fire(trigger, body, HTTP_IDEMPOTENCY_KEY="order-1234")
+    again = fire(trigger, body, HTTP_IDEMPOTENCY_KEY="order-1234")
+
+    assert first.status_code == again.status_code == 200
+    assert again.json()["pipeline_run"]["id"] == first.json()["pipeline_run"]["id"]
+    assert again["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first
+    assert PipelineRun.objects.count() == 1
+    assert ApiRequest.objects.get().run_id == first.json()["pipeline_run"]["id"]
+
+    other = fire(trigger, body, HTTP_IDEMPOTENCY_KEY="order-1235")
+    assert other.json()["pipeline_run"]["id"] != first.json()["pipeline_run"]["id"]
+    assert PipelineRun.objects.count() == 2
+
+
+def test_an_overlong_idempotency_key_is_400(trigger: Trigger) -> None:
+    response = fire(trigger, HTTP_IDEMPOTENCY_KEY="k" * 256)
+
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json()["error"]["fields"]
+    assert_nothing_created()
+
+
+def test_a_logged_in_browser_session_needs_no_csrf_token(trigger: Trigger, editor) -> None:
+    # The token is the credential: a session cookie must neither be needed nor trip CSRF.
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(editor)
+
+    response = client.post(f"/api/pipeline_schedules/{trigger.pk}/pipeline_runs/{trigger.token}", {}, format="json")
+
+    assert response.status_code == 200, response.content
+    assert PipelineRun.objects.get().created_by is None
+
+
+def test_other_methods_are_405_in_json(trigger: Trigger) -> None:
+    response = APIClient().get(f"/api/pipeline_schedules/{trigger.pk}/pipeline_runs/{trigger.token}")
+
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == 405
+    assert_nothing_created()
+
+
+def test_after_rotation_the_old_token_is_refused_and_the_new_one_works(trigger: Trigger, editor) -> None:
+    old = trigger.token
+    client = APIClient()
+    client.force_authenticate(editor)
+
+    response = client.post(f"/api/pipeline_schedules/{trigger.pk}/rotate_token")
+
+    assert response.status_code == 200, response.content
+    new = response.json()["pipeline_schedule"]["token"]
+    assert new != old
+    trigger.refresh_from_db()
+    assert trigger.token == new
+    assert fire(trigger, token=old).status_code == 403
+    assert PipelineRun.objects.count() == 0
+    assert fire(trigger, token=new).status_code == 200
+    assert PipelineRun.objects.count() == 1
+
+
+def test_a_viewer_cannot_rotate_the_token(trigger: Trigger, viewer) -> None:
+    old = trigger.token
+    client = APIClient()
+    client.force_authenticate(viewer)
+
+    response = client.post(f"/api/pipeline_schedules/{trigger.pk}/rotate_token")
+
+    assert response.status_code == 403
+    trigger.refresh_from_db()
+    assert trigger.token == old
+
+
+# --- the runs it starts, through the read-only pipeline_runs API ----------------------------------
+
+def test_the_run_shows_in_pipeline_runs_with_its_block_runs(trigger: Trigger, viewer) -> None:
+    run_id = fire(trigger).json()["pipeline_run"]["id"]
+    client = APIClient()
+    client.force_authenticate(viewer)
+
+    response = client.get(f"/api/pipeline_runs/{run_id}")
+
+    assert response.status_code == 200
+    body = response.json()["pipeline_run"]
+    assert body["pipeline_schedule_id"] == trigger.pk
+    assert body["run_type"] == "api"
+    block_runs = body["block_runs"]
+    assert [b["block_uuid"] for b in block_runs] == ["load", "clean"]
+    assert set(block_runs[0]) == {"id", "block_uuid", "status", "attempt", "started_at", "completed_at", "error"}
+    assert {b["id"] for b in block_runs} == set(BlockRun.objects.filter(pipeline_run_id=run_id).values_list("id", flat=True))
+
+
+def test_pipeline_runs_are_filtered_newest_first_in_a_fixed_number_of_queries(
+    pipeline: Pipeline, trigger: Trigger, viewer
+) -> None:
+    other = make_pipeline("other", [("load", "data_loader", block_code("data_loader", "return 1"))])
+    other_trigger = services.trigger_create(pipeline=other, name="hook", schedule_type="api", status="active")
+    ids = [fire(trigger).json()["pipeline_run"]["id"] for _ in range(3)]
+    fire(other_trigger)
+    client = APIClient()
+    client.force_authenticate(viewer)
+
+    response = client.get("/api/pipeline_runs", {"pipeline_schedule_id": trigger.pk})
+
+    body = response.json()
+    assert [r["id"] for r in body["pipeline_runs"]] == list(reversed(ids))
+    assert body["metadata"]["count"] == 3
+    by_uuid = client.get("/api/pipeline_runs", {"pipeline_uuid": "other"}).json()
+    assert [r["pipeline_uuid"] for r in by_uuid["pipeline_runs"]] == ["other"]
+    page = client.get("/api/pipeline_runs", {"_limit": 2, "_offset": 1}).json()
+    assert page["metadata"]["count"] == 4 and len(page["pipeline_runs"]) == 2
+
+    with CaptureQueriesContext(connection) as few:
+        client.get("/api/pipeline_runs", {"_limit": 1})
+    with CaptureQueriesContext(connection) as many:
+        client.get("/api/pipeline_runs", {"_limit": 4})
+    assert len(few) == len(many) <= 3
+
+
+def test_pipeline_runs_filters_are_validated(viewer) -> None:
+    client = APIClient()
+    client.force_authenticate(viewer)
+
+    bad_status = client.get("/api/pipeline_runs", {"status": "exploded"})
+    bad_id = client.get("/api/pipeline_runs", {"pipeline_schedule_id": "1.5"})
+
+    assert bad_status.status_code == 400 and "status" in bad_status.json()["error"]["fields"]
+    assert bad_id.status_code == 400 and "pipeline_schedule_id" in bad_id.json()["error"]["fields"]
+
+
+def test_pipeline_runs_need_a_login() -> None:
+    response = APIClient().get("/api/pipeline_runs")
+
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "not_authenticated"
