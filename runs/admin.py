@@ -21,7 +21,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from config.permissions import user_can_edit
+from config.permissions import EDITORS_GROUP, user_can_edit
 from pipelines.admin import ViewOnly
 from pipelines.models import BlockType, Pipeline
 from runs import services
@@ -211,7 +211,12 @@ class PipelineRunAdmin(ReadOnlyAdmin):
     actions = ("retry_runs", "retry_incomplete_of_pipelines", "cancel_runs", "cancel_running_of_pipelines")
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
-        return user_can_edit(request.user)
+        """Superusers, editors, and staff given the change permission on runs; a staff
+        member with only the view permission is a viewer here."""
+        user = request.user
+        return user_can_edit(user) and (
+            user.is_superuser or user.has_perm("runs.change_pipelinerun") or user.groups.filter(name=EDITORS_GROUP).exists()
+        )
 
     def _report(self, request: HttpRequest, result: services.BatchResult, verb: str) -> None:
         level = messages.WARNING if result.refused else messages.SUCCESS
