@@ -146,3 +146,6 @@ class ApiRequest(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["trigger", "key"], name="apirequest_unique_key")]
+
+    def __str__(self) -> str:
+        return f"API call {self.key!r} to trigger {self.trigger_id}"
