@@ -56,6 +56,11 @@ class PipelineDefinition:
 _definitions: dict[int, PipelineDefinition] = {}
 
 
+def forget_definitions() -> None:
+    """Drop the cached definitions (tests, whose flushed tables give ids out again)."""
+    _definitions.clear()
+
+
 def pipeline_definition(pipeline_id: int, version: int) -> PipelineDefinition:
     """The blocks and edges of a pipeline at `version` (read from the pipeline row by
     the caller), from memory when this process has already read that version."""

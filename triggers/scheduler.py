@@ -142,13 +142,15 @@ def _due_batch(now: datetime, batch_size: int, after: tuple[datetime, int] | Non
 
 
 def _start(run_ids: list[int]) -> None:
-    """Start the runs a batch created. Each `advance` is its own short transaction: it
-    takes the orchestrator's global slot lock, which workers finishing blocks need too."""
-    for run_id in run_ids:
-        try:
-            orchestrator.dispatch(orchestrator.advance(run_id))
-        except Exception:  # the run exists; reconcile advances it later
-            log.exception("scheduler: run %s could not be started", run_id)
+    """Start the runs a batch created, together (`orchestrator.runs_start` counts the
+    global slots once for all of them), after the batch's commit: the slot lock is one
+    that workers finishing blocks need too, and is not held while triggers are read."""
+    if not run_ids:
+        return
+    try:
+        orchestrator.dispatch(orchestrator.runs_start(run_ids))
+    except Exception:  # the runs exist; reconcile advances them later
+        log.exception("scheduler: runs %s could not be started", run_ids)
 
 
 def _fire(trigger: Trigger, now: datetime, batch: _Batch) -> None:

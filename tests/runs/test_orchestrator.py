@@ -207,3 +207,29 @@ def test_a_block_deleted_after_the_run_was_created_fails_that_block_clearly():
     run = run_execute_sync(run)
     assert run.status == "failed"
     assert "no longer exists" in run.block_runs.get(block_uuid="b001").error
+
+
+def test_runs_start_starts_many_runs_oldest_first_within_the_global_limit(settings):
+    settings.MILLRACE_CONCURRENCY = 3
+    pipeline = make_pipeline("roots", [
+        ("a", "data_loader", block_code("data_loader", "return 1")),
+        ("b", "data_loader", block_code("data_loader", "return 2")),
+        ("c", "transformer", block_code("transformer", "return 3"), ["a", "b"]),
+    ])
+    limited = chain("limited", 1)
+    limited.concurrency_config = {"pipeline_run_limit": 1}
+    limited.save()
+    runs = [orchestrator.run_create(pipeline, start=False) for _ in range(3)]
+    capped = orchestrator.run_create(limited, start=False)  # goes through advance
+    queued = orchestrator.runs_start([r.pk for r in runs] + [capped.pk])
+    assert len(queued) == 3
+    rows = {r.pk: statuses(r) for r in runs}
+    assert rows[runs[0].pk] == {"a": "queued", "b": "queued", "c": "initial"}
+    assert sorted(rows[runs[1].pk].values()) == ["initial", "initial", "queued"]
+    assert set(rows[runs[2].pk].values()) == {"initial"}
+    flags = dict(PipelineRun.objects.filter(pk__in=[r.pk for r in runs]).values_list("pk", "waiting_for_slot"))
+    assert flags == {runs[0].pk: False, runs[1].pk: True, runs[2].pk: True}
+    assert set(PipelineRun.objects.filter(pk__in=[r.pk for r in runs]).values_list("status", flat=True)) == {"running"}
+    capped.refresh_from_db()
+    assert capped.status == "running" and capped.waiting_for_slot  # no slot left for its block either
+    assert orchestrator.runs_start([runs[0].pk]) == []  # not fresh any more: advance, nothing to do
