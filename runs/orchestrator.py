@@ -923,6 +923,9 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
         error = f"The worker running this block stopped heartbeating (last sign of life {seen:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead"
         dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error))[0])
         done["failed"] += 1
+    if done["failed"]:
+        # The dead attempts' global slots are free: runs waiting for one go on now.
+        dispatch(wake_waiting_runs())
     retried = retries_due(now)
     dispatch(retried)
     done["retried"] = len(retried)

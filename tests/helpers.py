@@ -102,3 +102,83 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+# --- processes: finding, killing and outliving workers and blocks --------------------------
+
+def worker_pid(label: str) -> int:
+    """The pid in a `BlockRun.worker` label ("hostname:pid")."""
+    return int(label.rsplit(":", 1)[1])
+
+
+def _is_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        # A zombie has ended: it only waits for its parent to collect its status.
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def alive(pids: Iterable[int]) -> set[int]:
+    """Those of `pids` whose process is still running."""
+    return {pid for pid in pids if _is_alive(pid)}
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid` and every process descended from it, as they are now (empty once it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return {pid} | {child.pid for child in root.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def group_members(pgid: int) -> set[int]:
+    """The running processes of process group `pgid` (a block's child leads its own)."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and _is_alive(proc.pid):
+                found.add(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> float:
+    """Wait until none of `pids` runs; returns the seconds it took. Fails naming the
+    survivors after `timeout`."""
+    pids = set(pids)
+    started = time.monotonic()
+    while True:
+        left = alive(pids)
+        if not left:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"processes {sorted(left)} still alive {timeout} s later")
+        time.sleep(0.02)
+
+
+def reconcile_until(predicate, timeout: float, every: float = 0.2):
+    """Run the scheduler's reconcile pass every `every` seconds until `predicate()` holds."""
+    from runs import orchestrator
+
+    def step():
+        orchestrator.reconcile()
+        return predicate()
+
+    return wait_for(step, timeout=timeout, interval=every)
+
+
+def pids_in(path: Path) -> list[int]:
+    """The pids a block wrote to `path`, one per line (none while it does not exist)."""
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except FileNotFoundError:
+        return []

@@ -190,10 +190,12 @@ class _Server:
 
     def _fork_ahead(self) -> tuple[int, socket.socket]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                _die_with_parent(server_pid)
                 os.setpgid(0, 0)
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGCHLD, signal.SIGINT):
@@ -239,6 +241,33 @@ class _Server:
                 self.sock.send(f"exit {pid} {status}".encode())
             except OSError:
                 return
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this child if the fork server dies. The server kills its
+    children when its client (the worker) goes, but a SIGKILL to the worker's whole
+    process group kills the server at the same moment, and a block leads its own group,
+    so nothing else would end it. (Processes the block started itself are not covered:
+    they are re-parented, not killed, when the block dies this way.)"""
+    if _prctl is None:  # not Linux: the server's own clean-up still applies
+        return
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the server died before the request took effect
+        os._exit(0)
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    # Looked up once in the server, so a child pays only the call.
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+_PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str]) -> None:
