@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 
 from pipelines.models import Pipeline
 from runs import orchestrator
@@ -24,6 +27,20 @@ class Command(BaseCommand):
         parser.add_argument("--runtime-vars", default=None, help='JSON object, e.g. \'{"k": "v"}\'')
         parser.add_argument("--sync", action="store_true", help="Execute here, with no worker running.")
         parser.add_argument("--timeout", type=float, default=None, help="Seconds to wait for the workers.")
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        """On the command line only (call_command never comes here), end the process at
+        once when the command is done: everything is printed and committed, and the
+        interpreter's orderly shutdown would add a tenth of a second to every run."""
+        code = 0
+        try:
+            super().run_from_argv(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        connections.close_all()
+        os._exit(code)
 
     def handle(self, *args, **opts):
         pipeline = Pipeline.objects.filter(uuid=opts["uuid"]).first()
