@@ -15,7 +15,6 @@ from runs import orchestrator, services
 from runs.models import BlockRun, LogEntry, PipelineRun, RunAction
 from runs.services import run_wait
 from tests.helpers import (
-    WorkerCluster,
     alive,
     block_code,
     group_members,
@@ -61,19 +60,7 @@ return kwargs["retry"]["attempts"]
 PLUS_ONE = block_code("transformer", "return args[0] + 1")
 
 
-@pytest.fixture
-def cluster(data_dir):
-    started: list[WorkerCluster] = []
-
-    def start(workers: int = 2, **env: str) -> WorkerCluster:
-        env = {"MILLRACE_HEARTBEAT_INTERVAL": str(INTERVAL), **env}
-        c = WorkerCluster(data_dir, workers=workers, env=env).start()
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        c.stop()
+CLUSTER_ENV = {"MILLRACE_HEARTBEAT_INTERVAL": str(INTERVAL)}
 
 
 def _blocked_run(uuid: str, code: str, tmp_path: Path, **fields) -> PipelineRun:

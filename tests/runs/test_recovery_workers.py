@@ -59,19 +59,7 @@ def limit(settings):
     return LIMIT
 
 
-@pytest.fixture
-def cluster(data_dir):
-    started: list[WorkerCluster] = []
-
-    def start(workers: int = 2, **env: str) -> WorkerCluster:
-        env = {"MILLRACE_HEARTBEAT_INTERVAL": str(INTERVAL), **env}
-        c = WorkerCluster(data_dir, workers=workers, env=env).start()
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        c.stop()
+CLUSTER_ENV = {"MILLRACE_HEARTBEAT_INTERVAL": str(INTERVAL)}
 
 
 def _files(tmp_path: Path) -> dict[str, str]:

@@ -10,23 +10,11 @@ import pytest
 from runs import orchestrator
 from runs.models import BlockRun
 from runs.services import run_wait
-from tests.helpers import WorkerCluster, block_code, chain, make_pipeline, wait_for
+from tests.helpers import block_code, chain, make_pipeline, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workers]
 
 
-@pytest.fixture
-def cluster(data_dir):
-    started: list[WorkerCluster] = []
-
-    def start(workers: int = 2, **env: str) -> WorkerCluster:
-        c = WorkerCluster(data_dir, workers=workers, env=env).start()
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        c.stop()
 
 
 def fan_out(uuid: str, width: int, sleep: float, **fields):
