@@ -54,7 +54,7 @@ def _json_default(cleaned: dict[str, Any], defaults: dict[str, Any]) -> None:
             cleaned[name] = empty
 
 
-def _copy_saved(target: Any, saved: Any) -> None:
+def copy_saved(target: Any, saved: Any) -> None:
     """The admin keeps its own instance after `save_model`; give it the row the service
     created (pk and the values the service computed)."""
     for field in type(saved)._meta.concrete_fields:
@@ -98,7 +98,7 @@ class PipelineAdminForm(forms.ModelForm):
             return services.pipeline_update(obj, **fields)
         fields.pop("name", None)
         saved = services.pipeline_create(uuid=self.cleaned_data["uuid"], name=self.cleaned_data["name"], **fields)
-        _copy_saved(obj, saved)
+        copy_saved(obj, saved)
         return obj
 
 
@@ -230,7 +230,7 @@ class BlockAdminForm(forms.ModelForm):
     def save_with_service(self, obj: Block, *, change: bool) -> Block:
         if change:
             return self._update(obj)
-        _copy_saved(obj, self._create())
+        copy_saved(obj, self._create())
         return obj
 
 
@@ -277,7 +277,7 @@ class BlockEdgeAdminForm(forms.ModelForm):
     def save_with_service(self, obj: BlockEdge) -> BlockEdge:
         downstream = self.cleaned_data["downstream"]
         self._set_upstreams(downstream)
-        _copy_saved(obj, BlockEdge.objects.get(downstream=downstream, upstream=self.cleaned_data["upstream"]))
+        copy_saved(obj, BlockEdge.objects.get(downstream=downstream, upstream=self.cleaned_data["upstream"]))
         return obj
 
 

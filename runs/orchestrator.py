@@ -815,8 +815,8 @@ def run_retry(run_id: int, *, mode: str = "all", block_uuid: str | None = None, 
         if run.status not in RUN_TERMINAL:
             raise ActionRefused(f"Run {run_id} is {run.status}: only a finished run can be retried (cancel it first)")
         targets = _retry_targets(run, mode, block_uuid)
-        for row in BlockRun.objects.filter(pipeline_run_id=run_id, block_uuid__in=targets).order_by("id"):
-            _reset_block_run(row, now)
+        rows = [_reset_block_run(row, now) for row in BlockRun.objects.filter(pipeline_run_id=run_id, block_uuid__in=targets)]
+        BlockRun.objects.bulk_update(rows, _RESET_FIELDS)
         PipelineRun.objects.filter(pk=run_id).update(
             status=PipelineRunStatus.INITIAL, started_at=None, completed_at=None,
             waiting_for_slot=False, waiting_for_run_slot=False, updated_at=now,
@@ -848,19 +848,26 @@ def _retry_targets(run: PipelineRun, mode: str, block_uuid: str | None) -> list[
     return targets
 
 
-def _reset_block_run(row: BlockRun, now: datetime) -> None:
-    history = list(row.attempts or [])
+_RESET_FIELDS = (
+    "status", "claim", "next_retry_at", "attempts", "attempt_base", "error", "traceback", "outputs",
+    "queued_at", "started_at", "completed_at", "heartbeat_at", "updated_at",
+)
+
+
+def _reset_block_run(row: BlockRun, now: datetime) -> BlockRun:
+    """`row` back to `initial` (in memory; the caller writes all of them at once), its
+    last attempt moved to `attempts`."""
     if row.attempt and row.started_at:
-        history.append({
+        row.attempts = list(row.attempts or []) + [{
             "attempt": row.attempt, "status": row.status, "error": row.error, "traceback": row.traceback,
             "started_at": row.started_at.isoformat(), "completed_at": row.completed_at.isoformat() if row.completed_at else None,
             "worker": row.worker,
-        })
-    BlockRun.objects.filter(pk=row.pk).update(
-        status=S.INITIAL, claim="", next_retry_at=None, attempts=history, attempt_base=row.attempt,
-        error="", traceback="", outputs=[], queued_at=None, started_at=None, completed_at=None,
-        heartbeat_at=None, updated_at=now,
-    )
+        }]
+    row.status, row.claim, row.next_retry_at, row.attempt_base = S.INITIAL, "", None, row.attempt
+    row.error, row.traceback, row.outputs = "", "", []
+    row.queued_at = row.started_at = row.completed_at = row.heartbeat_at = None
+    row.updated_at = now
+    return row
 
 
 def run_cancel(run_id: int, *, user: Any = None) -> None:

@@ -19,7 +19,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from pipelines.admin import ViewOnly
-from pipelines.forms import add_service_errors
+from pipelines.forms import add_service_errors, copy_saved
 from runs.models import PipelineRun
 from triggers import schedule, services
 from triggers.models import Backfill, Event, Trigger
@@ -39,14 +39,6 @@ def _json_default(cleaned: dict[str, Any], names: tuple[str, ...]) -> None:
     for name in names:
         if name in cleaned and cleaned[name] is None:
             cleaned[name] = {}
-
-
-def _copy_saved(target: Any, saved: Any) -> None:
-    """The admin keeps its own instance after `save_model`: give it the saved row."""
-    for field in type(saved)._meta.concrete_fields:
-        setattr(target, field.attname, getattr(saved, field.attname))
-    target._state.adding = False
-    target._state.db = saved._state.db
 
 
 # --- triggers ------------------------------------------------------------------------------
@@ -82,7 +74,7 @@ class TriggerAdminForm(forms.ModelForm):
             saved = services.trigger_update(Trigger.objects.get(pk=obj.pk), **self._given())
         else:
             saved = services.trigger_create(created_by=user, **self._given())
-        _copy_saved(obj, saved)
+        copy_saved(obj, saved)
         return obj
 
 
@@ -227,7 +219,7 @@ class BackfillAdminForm(forms.ModelForm):
             interval=data["interval"], timezone=data.get("timezone") or "UTC", variables=data.get("variables") or {},
             created_by=user,
         )
-        _copy_saved(obj, saved)
+        copy_saved(obj, saved)
         return obj
 
 

@@ -527,11 +527,16 @@ def backfill_create(
             end_datetime=_aware_datetime("end", end, tz), interval=schedule.validate_interval(interval),
             timezone=tz, variables=variables, status=BackfillStatus.RUNNING, total_runs=len(dates), created_by=user,
         )
-        for logical_date in dates:
+        run_ids = [
             orchestrator.run_create(
                 pipeline, variables=variables, run_type=RunType.BACKFILL, execution_date=logical_date,
-                backfill=backfill, created_by=user,
-            )
+                backfill=backfill, created_by=user, start=False,
+            ).pk
+            for logical_date in dates
+        ]
+    # Started together once they all exist: one count of the global slots for the whole
+    # backfill, and no slot lock held while hundreds of runs are written.
+    orchestrator.dispatch(orchestrator.runs_start(run_ids))
     return backfill
 
 
