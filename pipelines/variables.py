@@ -12,10 +12,10 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
-
-from django.conf import settings
 
 KIND_DATAFRAME = "dataframe"
 KIND_JSON = "json"
@@ -37,13 +37,23 @@ def use_root(path: str | Path | None) -> None:
 
 
 def root() -> Path:
-    return _root_override or Path(settings.MILLRACE_DATA_DIR)
+    if _root_override is not None:
+        return _root_override
+    # Imported here: a block's child process always has its root set, and the fork
+    # server that makes those children stays small without Django (every megabyte it
+    # holds makes each fork and each child's exit slower).
+    from django.conf import settings
+
+    return Path(settings.MILLRACE_DATA_DIR)
 
 
-def _path(key: str) -> Path:
-    path = (root() / key).resolve()
-    base = root().resolve()
-    if base != path and base not in path.parents:
+def _path(key: str) -> str:
+    """The file of `key`, refused if the key leads out of the data directory. Plain
+    string paths: this runs in every block's child, where pathlib's objects cost more
+    than the check itself."""
+    base = os.path.abspath(root())
+    path = os.path.normpath(os.path.join(base, key))
+    if path != base and not path.startswith(base + os.sep):
         raise VariableError(f"Storage key {key!r} leaves the data directory")
     return path
 
@@ -54,20 +64,47 @@ def _is_dataframe(value: Any) -> bool:
     return type(value).__name__ == "DataFrame" and type(value).__module__.startswith("pandas")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _atomic_write(path: str, write: Callable[[str], object]) -> None:
+    """Write through a temporary file beside `path`, then rename: a reader never sees
+    half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _write_bytes(data: bytes) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    return write
 
 
 def _json_exact(value: Any) -> str | None:
     """The JSON text of `value` if loading it gives back an equal value of the same
-    shape (tuples, int dict keys, NaN and sets would not), else None."""
+    shape (tuples, int dict keys, NaN and sets would not), else None. Plain scalars,
+    the common case, are written out directly (json.dumps makes a block's child copy
+    dozens of pages of the json module)."""
+    kind = type(value)
+    if kind is int:
+        try:
+            return int.__repr__(value)
+        except ValueError:  # more digits than Python converts to text: pickled
+            return None
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if value is None or kind is bool:
+        return "null" if value is None else ("true" if value else "false")
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
@@ -100,7 +137,7 @@ def write_value(prefix: str, name: str, value: Any) -> dict:
     text = _json_exact(value)
     if text is not None:
         key = f"{prefix}/{name}.json"
-        _atomic_write(_path(key), lambda p: p.write_text(text))
+        _atomic_write(_path(key), _write_bytes(text.encode()))
         meta = {"name": name, "kind": KIND_JSON, "key": key, "type": type(value).__name__}
         if isinstance(value, list | dict):
             meta["shape"] = [len(value)]
@@ -110,7 +147,7 @@ def write_value(prefix: str, name: str, value: Any) -> dict:
         payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - report any pickling failure the same way
         raise VariableError(f"Output {name} of type {type(value).__name__} cannot be stored: {exc}") from exc
-    _atomic_write(_path(key), lambda p: p.write_bytes(payload))
+    _atomic_write(_path(key), _write_bytes(payload))
     return {"name": name, "kind": KIND_PICKLE, "key": key, "type": f"{type(value).__module__}.{type(value).__name__}"}
 
 
@@ -149,9 +186,11 @@ def read_value(meta: dict) -> Any:
 
             return pq.read_table(path).to_pandas()
         if kind == KIND_JSON:
-            return json.loads(path.read_text())
+            with open(path, "rb") as f:
+                return json.loads(f.read())
         if kind == KIND_PICKLE:
-            return pickle.loads(path.read_bytes())
+            with open(path, "rb") as f:
+                return pickle.loads(f.read())
     except FileNotFoundError as exc:
         raise VariableError(f"Stored output {meta.get('name')} is missing ({meta['key']}); it may have been cleaned") from exc
     raise VariableError(f"Unknown output kind {kind!r}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 # Imported here, in the parent, so that each forked child finds them loaded instead of
@@ -25,8 +24,6 @@ def _dispatch(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) 
 def run_block(spec: BlockSpec, *, on_log: LogSink, on_tick: Tick | None = None, tick: float = 2.0) -> ExecutionResult:
     if not spec.data_dir:
         spec.data_dir = str(variables.root())
-    if spec.environ is None:
-        spec.environ = dict(os.environ)
     return run_in_child(spec, _dispatch, on_log=on_log, on_tick=on_tick, tick=tick)
 
 

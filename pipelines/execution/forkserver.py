@@ -22,6 +22,7 @@ Protocol, over a SOCK_SEQPACKET socket pair:
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import select
@@ -47,14 +48,24 @@ class ForkServer:
         ("package.module:function", called as function(spec, logger, context))."""
         self.owner = os.getpid()
         self.exits: dict[int, int] = {}
+        # The environment the server (and so every child) starts with: a child is sent
+        # the caller's environment only when it has changed since (see `environ_changed`).
+        self.environ = environ_snapshot()
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
+        # The server needs this project on its path to start; once started it puts
+        # PYTHONPATH back as the caller has it, so blocks see the caller's environment.
+        own_path = os.environ.get("PYTHONPATH")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_ROOT, own_path])))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _ENTRY, str(theirs.fileno()), run_path],
+            [sys.executable, "-c", _ENTRY, str(theirs.fileno()), run_path, "-" if own_path is None else f"={own_path}"],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd=_ROOT,
         )
         theirs.close()
         self.pid = self.proc.pid
+
+    def environ_changed(self) -> bool:
+        """Whether the caller's environment differs from the one the server started with."""
+        return environ_snapshot() != self.environ
 
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.sock.fileno() >= 0 and self.proc.poll() is None
@@ -123,14 +134,20 @@ class ForkServer:
             self.exits[int(pid)] = int(status)
 
 
+def environ_snapshot() -> dict:
+    """This process's environment, cheaply: os.environ keeps its raw bytes in `_data`,
+    which compares in C, where building a dict of str decodes every entry."""
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
+
+
 class _Server:
     """The server's loop. It keeps one child forked ahead; on a spawn request it hands
     that child its descriptors and forks the next."""
 
-    def __init__(self, sock: socket.socket, child_main: Callable[[int, int], None], child_prepare: Callable[[], None]):
+    def __init__(self, sock: socket.socket, child_main: Callable[[int, int], None]):
         self.sock = sock
         self.child_main = child_main
-        self.child_prepare = child_prepare
         self.children: set[int] = set()
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
@@ -191,6 +208,9 @@ class _Server:
     def _fork_ahead(self) -> tuple[int, socket.socket]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         server_pid = os.getpid()
+        # What exists now goes to the permanent generation: a collection in the child
+        # never walks (and so never copies, page by page) the inherited heap.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -205,7 +225,6 @@ class _Server:
                 os.close(self.wake_r)
                 if self.ahead is not None:
                     self.ahead[1].close()
-                self.child_prepare()
                 _, fds, _, _ = socket.recv_fds(theirs, _MAX_MESSAGE, 4)
                 theirs.close()
                 if len(fds) != 4:  # discarded before it was used
@@ -271,19 +290,20 @@ _PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str]) -> None:
-    fd, run_path = int(argv[1]), argv[2]
+    fd, run_path, own_path = int(argv[1]), argv[2], argv[3]
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    if own_path == "-":
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = own_path[1:]
     module, _, name = run_path.partition(":")
     run = getattr(importlib.import_module(module), name)
-    from pipelines.execution.process import _child_main, _child_prepare, warm_up
+    from pipelines.execution.process import _child_main, server_prepare
 
-    # Run a trivial block once here, so that each child inherits warm caches (compiled
-    # regexes, signature machinery) instead of building them again.
-    warm_up(run)
+    server_prepare(run)
     _Server(
         socket.socket(fileno=fd),
         lambda spec_fd, msg_fd: _child_main(spec_fd, msg_fd, run),
-        lambda: _child_prepare(run),
     ).serve()
 

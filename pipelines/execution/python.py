@@ -3,7 +3,6 @@ one-process mode, in the caller); it never touches the database."""
 
 from __future__ import annotations
 
-import inspect
 import linecache
 import logging
 import sys
@@ -74,12 +73,7 @@ def main_function(spec: BlockSpec, found: dict[str, list[Callable[..., Any]]]) -
 def _call(function: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], *, what: str) -> Any:
     """Call with positional `args`, checking the count first, and with the keyword
     arguments the function can take."""
-    signature = inspect.signature(function)
-    params = list(signature.parameters.values())
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
-    has_varkw = any(p.kind == p.VAR_KEYWORD for p in params)
-    required = [p for p in positional if p.default is p.empty]
+    positional, required, has_varargs, keywords = _parameters(function)
     name = function.__name__
     if not has_varargs and len(args) > len(positional):
         raise BlockError(
@@ -88,19 +82,54 @@ def _call(function: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
             " (one per upstream block, in edge order); add a parameter for each or use *args"
         )
     if len(args) < len(required):
-        missing = ", ".join(p.name for p in required[len(args):])
+        missing = ", ".join(required[len(args):])
         raise BlockError(
             f"{what} {name}() requires {len(required)} positional argument"
             f"{'' if len(required) == 1 else 's'} but receives {len(args)}; "
             f"nothing is passed for: {missing}"
         )
-    if has_varkw:
+    if keywords is None:
         call_kwargs = kwargs
     else:
-        taken = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        taken -= {p.name for p in positional[: len(args)]}
+        taken = keywords - set(positional[: len(args)])
         call_kwargs = {k: v for k, v in kwargs.items() if k in taken}
     return function(*args, **call_kwargs)
+
+
+_CO_VARARGS = 0x04
+_CO_VARKEYWORDS = 0x08
+
+
+def _parameters(function: Callable[..., Any]) -> tuple[list[str], list[str], bool, set[str] | None]:
+    """(positional parameter names, those without a default, whether it takes *args,
+    the names it takes by keyword or None when it takes **kwargs).
+
+    A plain function is read off its code object; anything else (a wrapper, a partial, a
+    callable object) goes through `inspect.signature`, which gives the same answer for
+    plain functions but, in a freshly forked child, touches (and so copies) dozens of
+    pages of the inspect module on every block."""
+    code = getattr(function, "__code__", None)
+    if type(function) is not types.FunctionType or code is None or hasattr(function, "__wrapped__") or hasattr(function, "__signature__"):
+        return _parameters_inspected(function)
+    count = code.co_argcount
+    names = code.co_varnames
+    positional = list(names[:count])
+    required = positional[: count - len(function.__defaults__ or ())]
+    varkw = bool(code.co_flags & _CO_VARKEYWORDS)
+    keywords = None if varkw else set(names[code.co_posonlyargcount: count + code.co_kwonlyargcount])
+    return positional, required, bool(code.co_flags & _CO_VARARGS), keywords
+
+
+def _parameters_inspected(function: Callable[..., Any]) -> tuple[list[str], list[str], bool, set[str] | None]:
+    import inspect
+
+    params = list(inspect.signature(function).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    varkw = any(p.kind == p.VAR_KEYWORD for p in params)
+    required = [p.name for p in positional if p.default is p.empty]
+    keywords = None if varkw else {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return [p.name for p in positional], required, has_varargs, keywords
 
 
 def outputs_of(value: Any) -> list[Any]:

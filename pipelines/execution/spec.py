@@ -35,8 +35,8 @@ class BlockSpec:
     # The variable store's root, given here rather than read from settings in the child:
     # the fork server it comes from may have started before the settings changed.
     data_dir: str = ""
-    # The environment the block sees: the caller's at the time of the call, for the same
-    # reason (a long-lived fork server would otherwise hand out its own, older one).
+    # The environment the block sees; None: the caller's at the time of the call (a
+    # long-lived fork server would otherwise hand out its own, older one).
     environ: dict[str, str] | None = None
 
 

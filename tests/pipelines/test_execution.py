@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 from pipelines import variables
 from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
-from pipelines.execution.python import input_value
+from pipelines.execution.python import _parameters, _parameters_inspected, input_value
 
 pytestmark = pytest.mark.sqlite
 
@@ -158,6 +159,34 @@ def test_a_function_gets_only_the_keyword_arguments_it_names():
 
     assert result.status == "completed", result.error
     assert stored(result) == ["dev", {"k": "v"}]
+
+
+
+def _signatures() -> list:
+    def f1(a, b, *args, c, d=1, **kwargs): ...
+    def f2(a, /, b, c=3, *, d): ...
+    def f3(*args, **kwargs): ...
+    def f4(): ...
+    def f5(a=1, b=2): ...
+    def f6(a, b, /, c, *args): ...
+    def f7(x, *, y, z=0): ...
+
+    def wrapped(a, b, c): ...
+
+    @functools.wraps(wrapped)
+    def wrapper(*args, **kwargs): ...
+
+    class CallableObject:
+        def __call__(self, a, b=1, **kwargs): ...
+
+    return [f1, f2, f3, f4, f5, f6, f7, wrapper, functools.partial(f1, 1), CallableObject()]
+
+
+@pytest.mark.parametrize("function", _signatures(), ids=lambda f: getattr(f, "__name__", type(f).__name__))
+def test_parameters_read_off_the_code_object_match_inspect(function):
+    # The executor reads a plain function's parameters off its code object (cheaper in a
+    # freshly forked child); it must agree with inspect.signature on every shape.
+    assert _parameters(function) == _parameters_inspected(function)
 
 
 # Logs

@@ -58,3 +58,20 @@ def test_the_server_has_not_set_up_django(tmp_path):
     ready = run("import sys\n@data_loader\ndef probe(*a, **k):\n    return 'django.apps.registry' in sys.modules and __import__('django.apps').apps.apps.ready\n")
     assert ready is False
     assert process._servers  # and the caller keeps one server for its later blocks
+
+
+def test_a_block_sees_exactly_the_callers_environment(monkeypatch):
+    monkeypatch.setenv("MILLRACE_GONE", "before")
+    run(PARENT)  # the server starts with MILLRACE_GONE set
+    monkeypatch.delenv("MILLRACE_GONE")
+    probe = "import os\n@data_loader\ndef probe(*a, **k):\n    return {'gone': os.environ.get('MILLRACE_GONE'), 'path': os.environ.get('PYTHONPATH')}\n"
+    assert run(probe) == {"gone": None, "path": os.environ.get("PYTHONPATH")}
+    # Back to the environment the server started with: nothing is sent, nothing differs.
+    monkeypatch.setenv("MILLRACE_GONE", "before")
+    assert run(probe) == {"gone": "before", "path": os.environ.get("PYTHONPATH")}
+
+
+def test_the_server_stays_small_without_django():
+    # Every megabyte the server holds makes each fork and each child's exit slower.
+    loaded = run("import sys\n@data_loader\ndef probe(*a, **k):\n    return {'loaded': sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'asyncio'))}\n")
+    assert loaded == {"loaded": []}
