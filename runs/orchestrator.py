@@ -164,7 +164,9 @@ def advance(run_id: int, *, freed: int = 0) -> list[int]:
     return _advance(run_id, freed=freed)[0]
 
 
-def _advance(run_id: int, *, freed: int = 0, claim: str = "", known: PipelineRun | None = None) -> tuple[list[int], _Claimed | None]:
+def _advance(
+    run_id: int, *, freed: int = 0, claim: str = "", known: PipelineRun | None = None, read: _RunRead | None = None,
+) -> tuple[list[int], _Claimed | None]:
     """Move a run forward and return the ids of the block runs it queued. The caller
     executes them or hands them to `dispatch`.
 
@@ -185,18 +187,21 @@ def _advance(run_id: int, *, freed: int = 0, claim: str = "", known: PipelineRun
     is ready it goes from `initial` to `running` under that claim in one step, for the
     caller to execute (a chain), and comes back as the second value instead of in the
     list. `known` is the run (with its pipeline) as the caller last loaded it: only what
-    can change is read again.
+    can change is read again, or nothing when the caller has read it already (`read`,
+    in this transaction, with the run's row locked).
     """
     now = timezone.now()
     # No savepoint when called inside `_finish`: it would add two statements per block
     # and buys nothing, since any error there rolls back the whole transaction anyway.
     with transaction.atomic(savepoint=False):
-        run = _lock_run(run_id, known)
+        run = _refreshed(known, read.run_row) if known is not None and read is not None else None
+        if run is None:
+            run, read = _lock_run(run_id, known), None
         if run is None or run.status in RUN_TERMINAL:
             return [], None
         if run.status == PipelineRunStatus.INITIAL and not _may_start(run):
             return [], None
-        rows = _block_statuses(run_id, now)
+        rows = read.block_rows if read is not None else _block_statuses(run_id, now)
         ids = {uuid: pk for pk, uuid, _, _, _ in rows}
         status = {uuid: st for _, uuid, st, _, _ in rows}
         retry_later = {uuid for _, uuid, _, _, waits in rows if waits}
@@ -260,24 +265,33 @@ def _lock_run(run_id: int, known: PipelineRun | None = None) -> PipelineRun | No
     version of this join costs about a millisecond a block to build."""
     if known is not None and known.pk == run_id and PipelineRun.pipeline.is_cached(known):
         with connection.cursor() as cursor:
-            cursor.execute(_REFRESH_RUN_SQL_LOCKED if connection.features.has_select_for_update else _REFRESH_RUN_SQL, [run_id])
+            cursor.execute(_refresh_run_sql(), [run_id])
             row = cursor.fetchone()
         if row is None:
             return None
-        status, slot, run_slot, not_started, version, concurrency = row
-        if not_started or known.started_at is not None:
-            known.status, known.waiting_for_slot, known.waiting_for_run_slot = status, bool(slot), bool(run_slot)
-            known.started_at = None if not_started else known.started_at
-            pipeline = known.pipeline
-            pipeline.version = version
-            pipeline.concurrency_config = _CONCURRENCY.from_db_value(concurrency, None, connection)
-            return known
-        # Started by someone else since it was loaded: load it whole (rare).
+        run = _refreshed(known, row)
+        if run is not None:
+            return run
     qs = PipelineRun.objects.select_related("pipeline").order_by()
     if connection.features.has_select_for_update:
         qs = qs.select_for_update(of=("self",))
     found = list(qs.filter(pk=run_id))
     return found[0] if found else None
+
+
+def _refreshed(known: PipelineRun, row: tuple | None) -> PipelineRun | None:
+    """`known` updated from a row of `_REFRESH_RUN_SQL`; None when the row is missing or
+    the run was started by someone else since it was loaded (then it is loaded whole)."""
+    if row is None:
+        return None
+    status, slot, run_slot, not_started, version, concurrency = row
+    if not not_started and known.started_at is None:
+        return None
+    known.status, known.waiting_for_slot, known.waiting_for_run_slot = status, bool(slot), bool(run_slot)
+    known.started_at = None if not_started else known.started_at
+    known.pipeline.version = version
+    known.pipeline.concurrency_config = _CONCURRENCY.from_db_value(concurrency, None, connection)
+    return known
 
 
 def _may_start(run: PipelineRun) -> bool:
@@ -469,21 +483,30 @@ _REFRESH_RUN_SQL = (
     f"p.version, p.concurrency_config "
     f"FROM {PipelineRun._meta.db_table} r JOIN {Pipeline._meta.db_table} p ON p.id = r.pipeline_id WHERE r.id = %s"
 )
-# Locks the run's row only, as `select_for_update(of=("self",))` does; SQLite has one
-# writer at a time anyway.
-_REFRESH_RUN_SQL_LOCKED = _REFRESH_RUN_SQL + " FOR UPDATE OF r"
+
+
+def _refresh_run_sql() -> str:
+    # Locks the run's row only, as `select_for_update(of=("self",))` does; SQLite has
+    # one writer at a time anyway.
+    return _REFRESH_RUN_SQL + (" FOR UPDATE OF r" if connection.features.has_select_for_update else "")
+
+
+_STATUSES_SQL = (
+    f"SELECT id, block_uuid, status, attempt, (next_retry_at IS NOT NULL AND next_retry_at > %s) "
+    f"FROM {_BR} WHERE pipeline_run_id = %s AND dynamic_parent_id IS NULL"
+)
 
 
 def _block_statuses(run_id: int, now: datetime) -> list[tuple[int, str, str, int, bool]]:
     """(id, block_uuid, status, attempt, waiting for a retry) of a run's block runs (not
     dynamic children)."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT id, block_uuid, status, attempt, (next_retry_at IS NOT NULL AND next_retry_at > %s) "
-            f"FROM {_BR} WHERE pipeline_run_id = %s AND dynamic_parent_id IS NULL",
-            [_db_time(now), run_id],
-        )
-        return [(pk, uuid, st, attempt, bool(waits)) for pk, uuid, st, attempt, waits in cursor.fetchall()]
+        cursor.execute(_STATUSES_SQL, [_db_time(now), run_id])
+        return _status_rows(cursor.fetchall())
+
+
+def _status_rows(rows: list[tuple]) -> list[tuple[int, str, str, int, bool]]:
+    return [(pk, uuid, st, attempt, bool(waits)) for pk, uuid, st, attempt, waits in rows]
 
 
 def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S.QUEUED) -> bool:
@@ -501,19 +524,53 @@ def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S
         return cursor.rowcount == 1
 
 
+_RECORD_SQL = (
+    f"UPDATE {_BR} SET status = %s, completed_at = %s, outputs = %s, error = %s, traceback = %s, "
+    "metrics = %s, code_hash = %s, updated_at = %s WHERE id = %s AND claim = %s AND status = %s"
+)
+
+
+def _record_params(block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime) -> list[Any]:
+    ts = _db_time(now)
+    return [
+        status, ts, _db_json("outputs", result.outputs), result.error[:10000], result.traceback,
+        _db_json("metrics", result.metrics), code_hash, ts, block_run_id, claim, S.RUNNING,
+    ]
+
+
 def _record_result(block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime) -> bool:
     """Write an attempt's result, if the attempt still holds its claim (fencing)."""
-    ts = _db_time(now)
+    with connection.cursor() as cursor:
+        cursor.execute(_RECORD_SQL, _record_params(block_run_id, claim, status, result, code_hash, now))
+        return cursor.rowcount == 1
+
+
+@dataclass
+class _RunRead:
+    """What `_advance` reads first, read ahead by `_record_result_and_read`."""
+
+    run_row: tuple | None
+    block_rows: list[tuple[int, str, str, int, bool]]
+
+
+def _record_result_and_read(
+    block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime, run_id: int,
+) -> tuple[bool, _RunRead]:
+    """`_record_result`, then lock the run and read what `_advance` needs, all in one
+    round trip to PostgreSQL (three statements in one query): each round trip costs
+    the chain a wake-up of the database server and of this process. If the result was
+    not recorded (the claim was lost), the caller ends the transaction and the lock
+    goes with it."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {_BR} SET status = %s, completed_at = %s, outputs = %s, error = %s, traceback = %s, "
-            "metrics = %s, code_hash = %s, updated_at = %s WHERE id = %s AND claim = %s AND status = %s",
-            [
-                status, ts, _db_json("outputs", result.outputs), result.error[:10000], result.traceback,
-                _db_json("metrics", result.metrics), code_hash, ts, block_run_id, claim, S.RUNNING,
-            ],
+            f"{_RECORD_SQL}; {_refresh_run_sql()}; {_STATUSES_SQL}",
+            [*_record_params(block_run_id, claim, status, result, code_hash, now), run_id, _db_time(now), run_id],
         )
-        return cursor.rowcount == 1
+        won = cursor.rowcount == 1
+        cursor.nextset()
+        run_row = cursor.fetchone()
+        cursor.nextset()
+        return won, _RunRead(run_row, _status_rows(cursor.fetchall()))
 
 
 def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict]) -> tuple[BlockRun, dict[str, list[dict]]]:
@@ -655,11 +712,20 @@ def _finish(
     now = timezone.now()
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
     retry_at = _retry_at(block_run, now) if status == S.FAILED else None
+    # The run as the caller holds it (with its pipeline), if it does: then only what can
+    # have changed is read again.
+    known = block_run.pipeline_run if BlockRun.pipeline_run.is_cached(block_run) else None
+    if known is not None and not PipelineRun.pipeline.is_cached(known):
+        known = None
+    read = None
     with transaction.atomic():
+        code_hash = logs.code_hash if logs else ""
         if retry_at is not None:
             won = _record_retry(block_run, claim, result, retry_at, now)
+        elif known is not None and connection.vendor == "postgresql":
+            won, read = _record_result_and_read(block_run.pk, claim, status, result, code_hash, now, block_run.pipeline_run_id)
         else:
-            won = _record_result(block_run.pk, claim, status, result, logs.code_hash if logs else "", now)
+            won = _record_result(block_run.pk, claim, status, result, code_hash, now)
         if not won:
             return [], None
         if logs is not None:
@@ -672,9 +738,9 @@ def _finish(
                 + (f"\n{result.traceback}" if result.traceback else ""),
                 block_uuid=block_run.block_uuid, block_type=block_run.block_type, attempt=block_run.attempt,
             )
-        known = block_run.pipeline_run if BlockRun.pipeline_run.is_cached(block_run) else None
         return _advance(
-            block_run.pipeline_run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "", known=known,
+            block_run.pipeline_run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "",
+            known=known, read=read,
         )
 
 
