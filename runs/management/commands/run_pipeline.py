@@ -7,6 +7,7 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
+from pipelines import execution
 from pipelines.models import Pipeline
 from runs import orchestrator
 from runs.models import PipelineRunStatus
@@ -43,6 +44,10 @@ class Command(BaseCommand):
         os._exit(code)
 
     def handle(self, *args, **opts):
+        if opts["sync"]:
+            # The fork server starts (a new interpreter) while this process reads the
+            # pipeline and creates the run, instead of after.
+            execution.prepare()
         pipeline = Pipeline.objects.filter(uuid=opts["uuid"]).first()
         if pipeline is None:
             raise CommandError(f"No pipeline {opts['uuid']!r}")
