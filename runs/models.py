@@ -118,7 +118,10 @@ class PipelineRun(models.Model):
 
 
 class BlockRun(models.Model):
-    pipeline_run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="block_runs")
+    # Every status change of a block run writes a new row version into each index of this
+    # table, so it has no index it does not need: the run's own lookups use the
+    # (pipeline_run, status) index, and only dynamic children are indexed by parent.
+    pipeline_run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="block_runs", db_index=False)
     block_uuid = models.CharField(max_length=255)
     block_type = models.CharField(max_length=32, blank=True, default="")
     status = models.CharField(max_length=20, choices=BlockRunStatus.choices, default=BlockRunStatus.INITIAL)
@@ -147,7 +150,7 @@ class BlockRun(models.Model):
     outputs = models.JSONField(default=list, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
     dynamic_parent = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="dynamic_children"
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="dynamic_children", db_index=False,
     )
     dynamic_index = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -166,6 +169,10 @@ class BlockRun(models.Model):
             models.Index(
                 fields=["next_retry_at"], name="blockrun_retry_due",
                 condition=models.Q(next_retry_at__isnull=False),
+            ),
+            models.Index(
+                fields=["dynamic_parent"], name="blockrun_dynamic_parent",
+                condition=models.Q(dynamic_parent__isnull=False),
             ),
         ]
         constraints = [
