@@ -96,6 +96,30 @@ def stop_cluster(proc: subprocess.Popen) -> None:
         pass
 
 
+def fault_cost_us() -> float:
+    """What one copy-on-write page fault costs a forked child on this machine, the
+    figure a child process per block is most sensitive to (a few tenths of a
+    microsecond on bare metal, several microseconds on some virtual machines)."""
+    import resource
+
+    buffer = bytearray(b"\1") * (16 * 1024 * 1024)  # written, so its pages exist before the fork
+    pages = len(buffer) // 4096
+
+    def child_cpu(touch: int) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        for _ in range(10):
+            pid = os.fork()
+            if pid == 0:
+                for i in range(0, touch * 4096, 4096):
+                    buffer[i] = 1
+                os._exit(0)
+            os.waitpid(pid, 0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 10
+
+    return (child_cpu(pages) - child_cpu(0)) / pages * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
@@ -107,11 +131,18 @@ def main() -> None:
     shapes = build()
     print(f"database: {connection.vendor}; {os.cpu_count()} cores; median of {args.repeat} runs")
 
+    print(f"copy-on-write page fault after fork: {fault_cost_us():.1f} us (per-block costs scale with it)")
+
     print("\n(a) run_pipeline --sync, whole process (start-up included)")
-    sync: dict[str, float] = {}
     for uuid in shapes:
         sync_run(uuid)  # warm the page cache
-        samples = [sync_run(uuid) for _ in range(args.repeat)]
+    # Interleaved, so that a drift in the machine's speed does not land on one shape.
+    runs: dict[str, list[tuple[float, int]]] = {uuid: [] for uuid in shapes}
+    for _ in range(args.repeat):
+        for uuid in shapes:
+            runs[uuid].append(sync_run(uuid))
+    sync: dict[str, float] = {}
+    for uuid, samples in runs.items():
         sync[uuid] = statistics.median(s[0] for s in samples)
         peak = max(s[1] for s in samples) / 1024
         print(f"  {uuid:<18} {sync[uuid]:7.3f} s   peak RSS {peak:6.1f} MiB")
