@@ -8,6 +8,7 @@ from django.utils import timezone
 from pipelines import variables
 from runs import orchestrator
 from runs.models import BlockRun, LogEntry, PipelineRun
+from runs.orchestrator.execute import _finish
 from runs.services import run_execute_sync
 from tests.helpers import block_code, chain, make_pipeline
 
@@ -134,7 +135,7 @@ def test_a_result_from_an_attempt_that_lost_its_claim_is_ignored():
     from pipelines.execution import ExecutionResult
 
     BlockRun.objects.filter(pk=queued).update(status="running", claim="new-owner")
-    assert orchestrator._finish(br, "old-owner", ExecutionResult(status="completed")) == ([], None)
+    assert _finish(br, "old-owner", ExecutionResult(status="completed")) == ([], None)
     br.refresh_from_db()
     assert (br.status, br.claim) == ("running", "new-owner")
 

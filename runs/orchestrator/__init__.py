@@ -1,0 +1,39 @@
+"""The run state machine: the one place where run and block-run statuses change.
+
+1. Create: `run_create` makes a run with one block run per executable block (`initial`).
+2. Advance: `advance` moves a run forward (see its docstring).
+3. Execute: `block_run_execute` claims a queued block run, runs its code in a child
+   process, and `_finish` records the result and advances the run in the same
+   transaction, so no polling gap separates one block from the next.
+4. Reconcile: `reconcile` repairs what a dead worker left behind.
+
+Every transition is a compare-and-swap (`filter(status=...).update(...)`) so that two
+workers, or a worker and a cancel, can never both win.
+
+The package: `create` (new runs), `advance` (what runs next, and sending it to the
+workers), `execute` (a block run from claim to result), `retries`, `operations` (stop,
+retry and cancel), `reconcile`, and `sql` (the hand-written statements of the hot path).
+Callers use the names below.
+"""
+
+from runs.orchestrator.advance import advance, dispatch, start_waiting_runs
+from runs.orchestrator.create import run_create, runs_start
+from runs.orchestrator.execute import block_run_execute
+from runs.orchestrator.operations import (
+    RETRY_MODES,
+    ActionRefused,
+    block_run_cancel,
+    enforce_deadlines,
+    run_cancel,
+    run_retry,
+    run_stop,
+)
+from runs.orchestrator.reconcile import reconcile
+from runs.orchestrator.retries import retries_due, retry_delay, retry_policy, wake_waiting_runs
+from runs.orchestrator.sql import worker_label
+
+__all__ = [
+    "ActionRefused", "RETRY_MODES", "advance", "block_run_cancel", "block_run_execute", "dispatch",
+    "enforce_deadlines", "reconcile", "retries_due", "retry_delay", "retry_policy", "run_cancel", "run_create",
+    "run_retry", "run_stop", "runs_start", "start_waiting_runs", "wake_waiting_runs", "worker_label",
+]

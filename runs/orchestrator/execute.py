@@ -1,0 +1,220 @@
+"""Executing a block run: claim it, run its code in a child process, record the
+result and advance its run in one transaction."""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from datetime import UTC, datetime
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
+from pipelines.selectors import BlockDefinition, PipelineDefinition, pipeline_definition
+from runs.models import (
+    BLOCK_TERMINAL,
+    BlockRun,
+    BlockRunStatus,
+    LogEntry,
+    PipelineRun,
+)
+from runs.orchestrator.advance import _advance, _Claimed
+from runs.orchestrator.retries import _record_retry, _retry_at
+from runs.orchestrator.sql import (
+    _claim,
+    _log_row,
+    _record_result,
+    _record_result_and_read,
+)
+
+S = BlockRunStatus
+
+
+def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
+    """Claim a queued block run, run it in a child process, record the result, and advance
+    its run. Returns the block runs that the advance queued (not yet dispatched). A block
+    run that is not `queued` any more (run twice by a redelivered task, or cancelled) is
+    left alone.
+
+    With `inline`, when finishing a block makes exactly one block ready, that block is
+    claimed in the same transaction and run here next: a chain then moves at the speed
+    of its blocks, with no broker round trip and one commit per block."""
+    claim = uuidlib.uuid4().hex
+    if not _claim(block_run_id, claim, timezone.now()):
+        return []
+    block_run = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=block_run_id)
+    run = block_run.pipeline_run
+    definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
+    upstream_outputs = None
+    while True:
+        result, logs = _execute(block_run, claim, definition, upstream_outputs)
+        queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline)
+        if claimed is None:
+            return queued
+        block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
+        claim, definition = claimed.claim, claimed.definition
+
+
+def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict]) -> tuple[BlockRun, dict[str, list[dict]]]:
+    """The block run `_advance` claimed, with its upstreams' outputs. In a chain the only
+    upstream is the block that just finished, whose outputs are in hand: no query."""
+    block = claimed.definition.blocks.get(claimed.block_uuid)
+    upstreams = list(block.upstreams) if block else []
+    block_run = BlockRun(
+        pk=claimed.block_run_id, pipeline_run=claimed.run, block_uuid=claimed.block_uuid,
+        block_type=block.type if block else "", attempt=claimed.attempt, claim=claimed.claim, status=S.RUNNING,
+    )
+    known = {finished.block_uuid: outputs}
+    missing = [u for u in upstreams if u not in known]
+    if missing:
+        known.update(BlockRun.objects.filter(
+            pipeline_run_id=claimed.run.pk, block_uuid__in=missing, dynamic_parent__isnull=True,
+        ).values_list("block_uuid", "outputs"))
+    return block_run, {u: known.get(u) or [] for u in upstreams}
+
+
+def _execute(
+    block_run: BlockRun, claim: str, definition: PipelineDefinition, upstream_outputs: dict[str, list[dict]] | None,
+) -> tuple[ExecutionResult, _LogWriter]:
+    """Run a claimed block run's code. Returns the result and the log lines not written
+    yet (`_finish` writes them with the result, if the attempt still holds its claim)."""
+    logs = _LogWriter(block_run, claim)
+    block = definition.blocks.get(block_run.block_uuid)
+    if block is None:
+        error = f"Block {block_run.block_uuid} no longer exists in pipeline {block_run.pipeline_run.pipeline.uuid}"
+        return ExecutionResult(status=S.FAILED, error=error), logs
+    logs.code_hash = block.content_hash
+    spec = _spec(block_run, block, upstream_outputs)
+    result = run_block(spec, on_log=logs.add, on_tick=logs.heartbeat, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
+    return result, logs
+
+
+def _spec(block_run: BlockRun, block: BlockDefinition, outputs: dict[str, list[dict]] | None = None) -> BlockSpec:
+    run = block_run.pipeline_run
+    if outputs is None and block.upstreams:
+        outputs = dict(
+            BlockRun.objects.filter(pipeline_run=run, block_uuid__in=block.upstreams, dynamic_parent__isnull=True).values_list("block_uuid", "outputs")
+        )
+    execution_date = run.execution_date or run.created_at
+    kwargs = {
+        **(run.variables or {}),
+        "execution_date": execution_date,
+        "ds": execution_date.strftime("%Y-%m-%d"),
+        "hr": execution_date.strftime("%H"),
+        "event": run.event or {},
+        "pipeline_uuid": run.pipeline.uuid,
+        "block_uuid": block.uuid,
+        "pipeline_run_id": run.pk,
+        "retry": {"attempts": block_run.attempt},
+    }
+    outputs = outputs or {}
+    return BlockSpec(
+        pipeline_uuid=run.pipeline.uuid,
+        block_uuid=block.uuid,
+        block_type=block.type,
+        language=block.language,
+        content=block.content,
+        configuration=block.configuration or {},
+        inputs=[UpstreamInput(u, outputs.get(u) or []) for u in block.upstreams],
+        kwargs=kwargs,
+        output_prefix=f"pipeline_runs/{run.pk}/{block.uuid}/{block_run.claim}",
+        timeout=block.timeout,
+    )
+
+
+class _LogWriter:
+    """Collects a running attempt's log lines and writes them in batches, each batch in
+    one transaction with a heartbeat that succeeds only while the attempt holds its
+    claim: once a block run is cancelled or taken over, its old attempt writes nothing
+    more, not even a log line."""
+
+    BATCH = 500
+    EVERY = 0.5  # seconds
+
+    def __init__(self, block_run: BlockRun, claim: str):
+        self.block_run = block_run
+        self.claim = claim
+        self.code_hash = ""
+        self.lines: list[LogLine] = []
+        self.last = time.monotonic()
+        self.fenced = False
+
+    def add(self, lines: list[LogLine]) -> None:
+        self.lines.extend(lines)
+        if len(self.lines) >= self.BATCH or time.monotonic() - self.last >= self.EVERY:
+            self.heartbeat()
+
+    def heartbeat(self) -> bool:
+        """Record a heartbeat and write the waiting lines; False once the claim is lost
+        (the caller then kills the block)."""
+        self.last = time.monotonic()
+        if self.fenced:
+            return False
+        with transaction.atomic():
+            alive = BlockRun.objects.filter(pk=self.block_run.pk, claim=self.claim, status=S.RUNNING).update(
+                heartbeat_at=timezone.now()
+            )
+            if alive:
+                self.write()
+        if not alive:
+            self.fenced, self.lines = True, []
+        return bool(alive)
+
+    def write(self) -> None:
+        """Write the waiting lines; the caller has checked the claim in this transaction."""
+        if not self.lines:
+            return
+        br = self.block_run
+        rows = [
+            _log_row(br.pipeline_run_id, br.pk, datetime.fromtimestamp(line.timestamp, tz=UTC), line.level, line.message, br.block_uuid, br.block_type, br.attempt)
+            for line in self.lines
+        ]
+        self.lines = []
+        LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
+
+
+
+
+def _finish(
+    block_run: BlockRun, claim: str, result: ExecutionResult, *, logs: _LogWriter | None = None, claim_next: bool = False,
+) -> tuple[list[int], _Claimed | None]:
+    """Record the result (and the hash of the code that ran) if this attempt still holds
+    the claim, then advance the run in the same transaction. A failed attempt with
+    retries left goes back to `initial` with the time of its next attempt instead.
+    Returns the block runs the advance queued and, with `claim_next` and exactly one
+    block ready, that one already claimed for the caller to run."""
+    now = timezone.now()
+    status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
+    retry_at = _retry_at(block_run, now) if status == S.FAILED else None
+    # The run as the caller holds it (with its pipeline), if it does: then only what can
+    # have changed is read again.
+    known = block_run.pipeline_run if BlockRun.pipeline_run.is_cached(block_run) else None
+    if known is not None and not PipelineRun.pipeline.is_cached(known):
+        known = None
+    read = None
+    with transaction.atomic():
+        code_hash = logs.code_hash if logs else ""
+        if retry_at is not None:
+            won = _record_retry(block_run, claim, result, retry_at, now)
+        elif known is not None and connection.vendor == "postgresql":
+            won, read = _record_result_and_read(block_run.pk, claim, status, result, code_hash, now, block_run.pipeline_run_id)
+        else:
+            won = _record_result(block_run.pk, claim, status, result, code_hash, now)
+        if not won:
+            return [], None
+        if logs is not None:
+            logs.write()
+        if status == S.FAILED:
+            then = f"; attempt {block_run.attempt + 1} at {retry_at:%H:%M:%S} UTC" if retry_at else ""
+            LogEntry.objects.create(
+                pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="ERROR",
+                message=f"Block {block_run.block_uuid} failed (attempt {block_run.attempt}){then}: {result.error}"
+                + (f"\n{result.traceback}" if result.traceback else ""),
+                block_uuid=block_run.block_uuid, block_type=block_run.block_type, attempt=block_run.attempt,
+            )
+        return _advance(
+            block_run.pipeline_run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "",
+            known=known, read=read,
+        )

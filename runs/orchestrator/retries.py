@@ -1,0 +1,95 @@
+"""Automatic retries of failed block runs, and runs waiting for a global slot."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+from pipelines.execution import ExecutionResult
+from pipelines.selectors import pipeline_definition
+from runs.models import (
+    BlockRun,
+    BlockRunStatus,
+    PipelineRun,
+)
+from runs.orchestrator.advance import advance
+
+S = BlockRunStatus
+
+
+def retry_policy(block_config: dict | None, pipeline_config: dict | None) -> tuple[int, float, bool, float | None]:
+    """(retries, delay, exponential_backoff, max_delay) for a block: its own
+    `retry_config` when it has one, else its pipeline's (unlike Mage, which ignores the
+    pipeline's). No config: no retry."""
+    config = block_config or pipeline_config or {}
+    retries = max(0, int(config.get("retries") or 0))
+    delay = max(0.0, float(config.get("delay") if config.get("delay") is not None else 5))
+    max_delay = config.get("max_delay")
+    return retries, delay, bool(config.get("exponential_backoff")), float(max_delay) if max_delay is not None else None
+
+
+def retry_delay(attempt: int, delay: float, exponential: bool, max_delay: float | None) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based)."""
+    wait = delay * (2 ** (attempt - 1)) if exponential else delay
+    return min(wait, max_delay) if max_delay is not None else wait
+
+
+def _retry_at(block_run: BlockRun, now: datetime) -> datetime | None:
+    """When the next attempt of a failed block run is due, or None when it has used its
+    retries (`retries: 0` means exactly one attempt, a timeout included)."""
+    run = block_run.pipeline_run
+    block = pipeline_definition(run.pipeline_id, run.pipeline.version).blocks.get(block_run.block_uuid)
+    if block is None:
+        return None
+    retries, delay, exponential, max_delay = retry_policy(block.retry_config, run.pipeline.retry_config)
+    attempt = max(block_run.attempt - block_run.attempt_base, 1)
+    if attempt > retries:
+        return None
+    return now + timedelta(seconds=retry_delay(attempt, delay, exponential, max_delay))
+
+
+def _record_retry(block_run: BlockRun, claim: str, result: ExecutionResult, retry_at: datetime, now: datetime) -> bool:
+    """Put a failed attempt aside (in `attempts`) and send the block run back to
+    `initial` until `retry_at`, if the attempt still holds its claim."""
+    current = BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).values(
+        "attempt", "attempts", "started_at", "worker"
+    ).first()
+    if current is None:
+        return False
+    history = list(current["attempts"] or []) + [{
+        "attempt": current["attempt"], "status": S.FAILED, "error": result.error[:10000], "traceback": result.traceback,
+        "started_at": current["started_at"].isoformat() if current["started_at"] else None,
+        "completed_at": now.isoformat(), "worker": current["worker"],
+    }]
+    return bool(BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(
+        status=S.INITIAL, claim="", next_retry_at=retry_at, attempts=history, error=result.error[:10000],
+        traceback=result.traceback, metrics=result.metrics, completed_at=None, updated_at=now,
+    ))
+
+
+def retries_due(now: datetime | None = None) -> list[int]:
+    """Advance the runs whose block runs wait for a retry that is due now (the
+    scheduler's pass calls it; a run executed by `run_pipeline --sync` polls by itself).
+    Returns what was queued."""
+    now = now or timezone.now()
+    run_ids = set(BlockRun.objects.filter(
+        status=S.INITIAL, next_retry_at__isnull=False, next_retry_at__lte=now,
+    ).values_list("pipeline_run_id", flat=True))
+    queued: list[int] = []
+    for run_id in sorted(run_ids):
+        queued += advance(run_id)
+    return queued
+
+
+def wake_waiting_runs(limit: int = 20) -> list[int]:
+    """Advance runs whose ready blocks were waiting for a global slot; called when a
+    block finishes and frees one. Returns what they queued."""
+    queued: list[int] = []
+    waiting = PipelineRun.objects.filter(waiting_for_slot=True).order_by("created_at").values_list("id", flat=True)[:limit]
+    for run_id in waiting:
+        got = advance(run_id)
+        queued.extend(got)
+        if not got:
+            break
+    return queued

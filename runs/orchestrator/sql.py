@@ -1,0 +1,148 @@
+"""The statements every block of every run goes through, written out by hand: for these
+one-row statements the ORM spends several times longer building the SQL than the
+database spends running it (measured: 0.2-0.35 ms against 0.04 ms), and a chain of
+blocks is a loop over them. Values go through the fields' own adapters, so both
+databases get what the ORM would send."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+
+from pipelines.execution import ExecutionResult
+from pipelines.models import Pipeline
+from runs.models import (
+    BlockRun,
+    BlockRunStatus,
+    LogEntry,
+    PipelineRun,
+)
+
+S = BlockRunStatus
+
+
+def worker_label() -> str:
+    """Who runs a block run: host and process, stored with its claim."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_BR = BlockRun._meta.db_table
+
+
+def _db_time(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _db_json(field: str, value: Any) -> Any:
+    return BlockRun._meta.get_field(field).get_db_prep_save(value, connection)
+
+
+_CONCURRENCY = Pipeline._meta.get_field("concurrency_config")
+_REFRESH_RUN_SQL = (
+    f"SELECT r.status, r.waiting_for_slot, r.waiting_for_run_slot, r.started_at IS NULL, "
+    f"p.version, p.concurrency_config "
+    f"FROM {PipelineRun._meta.db_table} r JOIN {Pipeline._meta.db_table} p ON p.id = r.pipeline_id WHERE r.id = %s"
+)
+
+
+def _refresh_run_sql() -> str:
+    # Locks the run's row only, as `select_for_update(of=("self",))` does; SQLite has
+    # one writer at a time anyway.
+    return _REFRESH_RUN_SQL + (" FOR UPDATE OF r" if connection.features.has_select_for_update else "")
+
+
+_STATUSES_SQL = (
+    f"SELECT id, block_uuid, status, attempt, (next_retry_at IS NOT NULL AND next_retry_at > %s) "
+    f"FROM {_BR} WHERE pipeline_run_id = %s AND dynamic_parent_id IS NULL"
+)
+
+
+def _block_statuses(run_id: int, now: datetime) -> list[tuple[int, str, str, int, bool]]:
+    """(id, block_uuid, status, attempt, waiting for a retry) of a run's block runs (not
+    dynamic children)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_STATUSES_SQL, [_db_time(now), run_id])
+        return _status_rows(cursor.fetchall())
+
+
+def _status_rows(rows: list[tuple]) -> list[tuple[int, str, str, int, bool]]:
+    return [(pk, uuid, st, attempt, bool(waits)) for pk, uuid, st, attempt, waits in rows]
+
+
+def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S.QUEUED) -> bool:
+    """Compare-and-swap a block run to `running` under a new claim token (fencing)."""
+    ts = _db_time(now)
+    queued_at = ", queued_at = %s" if from_status == S.INITIAL else ""
+    params: list[Any] = [S.RUNNING, claim, ts, ts, worker_label(), ts] + ([ts] if queued_at else []) + [block_run_id, from_status]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_BR} SET status = %s, claim = %s, attempt = attempt + 1, started_at = %s, heartbeat_at = %s, "
+            f"completed_at = NULL, next_retry_at = NULL, worker = %s, error = '', traceback = '', updated_at = %s{queued_at} "
+            "WHERE id = %s AND status = %s",
+            params,
+        )
+        return cursor.rowcount == 1
+
+
+_RECORD_SQL = (
+    f"UPDATE {_BR} SET status = %s, completed_at = %s, outputs = %s, error = %s, traceback = %s, "
+    "metrics = %s, code_hash = %s, updated_at = %s WHERE id = %s AND claim = %s AND status = %s"
+)
+
+
+def _record_params(block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime) -> list[Any]:
+    ts = _db_time(now)
+    return [
+        status, ts, _db_json("outputs", result.outputs), result.error[:10000], result.traceback,
+        _db_json("metrics", result.metrics), code_hash, ts, block_run_id, claim, S.RUNNING,
+    ]
+
+
+def _record_result(block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime) -> bool:
+    """Write an attempt's result, if the attempt still holds its claim (fencing)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_RECORD_SQL, _record_params(block_run_id, claim, status, result, code_hash, now))
+        return cursor.rowcount == 1
+
+
+@dataclass
+class _RunRead:
+    """What `_advance` reads first, read ahead by `_record_result_and_read`."""
+
+    run_row: tuple | None
+    block_rows: list[tuple[int, str, str, int, bool]]
+
+
+def _record_result_and_read(
+    block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime, run_id: int,
+) -> tuple[bool, _RunRead]:
+    """`_record_result`, then lock the run and read what `_advance` needs, all in one
+    round trip to PostgreSQL (three statements in one query): each round trip costs
+    the chain a wake-up of the database server and of this process. If the result was
+    not recorded (the claim was lost), the caller ends the transaction and the lock
+    goes with it."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"{_RECORD_SQL}; {_refresh_run_sql()}; {_STATUSES_SQL}",
+            [*_record_params(block_run_id, claim, status, result, code_hash, now), run_id, _db_time(now), run_id],
+        )
+        won = cursor.rowcount == 1
+        cursor.nextset()
+        run_row = cursor.fetchone()
+        cursor.nextset()
+        return won, _RunRead(run_row, _status_rows(cursor.fetchall()))
+
+
+def _log_row(
+    run_id: int, block_run_id: int | None, ts: datetime, level: str, message: str,
+    block_uuid: str = "", block_type: str = "", attempt: int = 0,
+) -> LogEntry:
+    return LogEntry(
+        pipeline_run_id=run_id, block_run_id=block_run_id, timestamp=ts, level=level[:10],
+        message=message, block_uuid=block_uuid, block_type=block_type, attempt=attempt,
+    )
