@@ -24,6 +24,7 @@ from runs.orchestrator.advance import _advance, _Claimed
 from runs.orchestrator.retries import _record_retry, _retry_at
 from runs.orchestrator.sql import (
     _claim,
+    _lock_run_row,
     _log_row,
     _record_result,
     _record_result_and_read,
@@ -194,14 +195,20 @@ def _finish(
     if known is not None and not PipelineRun.pipeline.is_cached(known):
         known = None
     read = None
+    run_id = block_run.pipeline_run_id
     with transaction.atomic():
         code_hash = logs.code_hash if logs else ""
-        if retry_at is not None:
-            won = _record_retry(block_run, claim, result, retry_at, now)
-        elif known is not None and connection.vendor == "postgresql":
-            won, read = _record_result_and_read(block_run.pk, claim, status, result, code_hash, now, block_run.pipeline_run_id)
+        # The run's row is locked before the block run's, in the order every other path
+        # takes (a cancel locks the run, then changes its block runs): the other order
+        # could deadlock with a cancel.
+        if retry_at is None and known is not None and connection.vendor == "postgresql":
+            won, read = _record_result_and_read(block_run.pk, claim, status, result, code_hash, now, run_id)
         else:
-            won = _record_result(block_run.pk, claim, status, result, code_hash, now)
+            _lock_run_row(run_id)
+            if retry_at is not None:
+                won = _record_retry(block_run, claim, result, retry_at, now)
+            else:
+                won = _record_result(block_run.pk, claim, status, result, code_hash, now)
         if not won:
             return [], None
         if logs is not None:
@@ -215,6 +222,6 @@ def _finish(
                 block_uuid=block_run.block_uuid, block_type=block_run.block_type, attempt=block_run.attempt,
             )
         return _advance(
-            block_run.pipeline_run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "",
+            run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "",
             known=known, read=read,
         )

@@ -22,6 +22,7 @@ from runs.models import (
 )
 from runs.orchestrator.advance import _lock_run, advance, dispatch, start_waiting_runs
 from runs.orchestrator.retries import wake_waiting_runs
+from runs.orchestrator.sql import _lock_run_row
 
 S = BlockRunStatus
 
@@ -192,6 +193,8 @@ def block_run_cancel(block_run_id: int, *, user: Any = None) -> None:
         if row is None:
             raise ActionRefused(f"Block run {block_run_id} does not exist")
         run_id, uuid, status = row
+        # The run first, then its block run: the order a finishing block takes too.
+        _lock_run_row(run_id)
         if not BlockRun.objects.filter(pk=block_run_id, status__in=[S.INITIAL, S.QUEUED, S.RUNNING]).update(
             status=S.CANCELLED, claim="", next_retry_at=None, completed_at=now, updated_at=now,
         ):

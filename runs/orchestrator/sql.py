@@ -121,21 +121,29 @@ class _RunRead:
 def _record_result_and_read(
     block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime, run_id: int,
 ) -> tuple[bool, _RunRead]:
-    """`_record_result`, then lock the run and read what `_advance` needs, all in one
-    round trip to PostgreSQL (three statements in one query): each round trip costs
-    the chain a wake-up of the database server and of this process. If the result was
-    not recorded (the claim was lost), the caller ends the transaction and the lock
-    goes with it."""
+    """Lock the run, `_record_result`, and read what `_advance` needs, all in one round
+    trip to PostgreSQL (three statements in one query): each round trip costs the chain
+    a wake-up of the database server and of this process. If the result was not
+    recorded (the claim was lost), the caller ends the transaction and the lock goes
+    with it."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"{_RECORD_SQL}; {_refresh_run_sql()}; {_STATUSES_SQL}",
-            [*_record_params(block_run_id, claim, status, result, code_hash, now), run_id, _db_time(now), run_id],
+            f"{_refresh_run_sql()}; {_RECORD_SQL}; {_STATUSES_SQL}",
+            [run_id, *_record_params(block_run_id, claim, status, result, code_hash, now), _db_time(now), run_id],
         )
-        won = cursor.rowcount == 1
-        cursor.nextset()
         run_row = cursor.fetchone()
         cursor.nextset()
+        won = cursor.rowcount == 1
+        cursor.nextset()
         return won, _RunRead(run_row, _status_rows(cursor.fetchall()))
+
+
+def _lock_run_row(run_id: int) -> None:
+    """Lock a run's row to the end of the transaction (nothing to do on SQLite, which
+    has one writer at a time)."""
+    if connection.features.has_select_for_update:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT id FROM {PipelineRun._meta.db_table} WHERE id = %s FOR UPDATE", [run_id])
 
 
 def _log_row(
