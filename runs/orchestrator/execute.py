@@ -154,6 +154,11 @@ class _LogWriter:
         if self.fenced:
             return False
         with transaction.atomic():
+            if self.lines:
+                # Log rows reference the run, and PostgreSQL checks that at commit with a
+                # share lock on the run's row: taken first, in the order a cancel takes
+                # its locks (the run, then its block runs), or the two could deadlock.
+                _lock_run_row(self.block_run.pipeline_run_id, share=True)
             alive = BlockRun.objects.filter(pk=self.block_run.pk, claim=self.claim, status=S.RUNNING).update(
                 heartbeat_at=timezone.now()
             )

@@ -138,12 +138,14 @@ def _record_result_and_read(
         return won, _RunRead(run_row, _status_rows(cursor.fetchall()))
 
 
-def _lock_run_row(run_id: int) -> None:
-    """Lock a run's row to the end of the transaction (nothing to do on SQLite, which
-    has one writer at a time)."""
+def _lock_run_row(run_id: int, *, share: bool = False) -> None:
+    """Lock a run's row to the end of the transaction, or with `share` only against a
+    change of its key (what adding a row that references it takes anyway, at commit).
+    Nothing to do on SQLite, which has one writer at a time."""
     if connection.features.has_select_for_update:
+        mode = "KEY SHARE" if share else "UPDATE"
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT id FROM {PipelineRun._meta.db_table} WHERE id = %s FOR UPDATE", [run_id])
+            cursor.execute(f"SELECT id FROM {PipelineRun._meta.db_table} WHERE id = %s FOR {mode}", [run_id])
 
 
 def _log_row(

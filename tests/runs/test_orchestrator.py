@@ -9,11 +9,11 @@ from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from pipelines import variables
-from pipelines.execution import ExecutionResult
+from pipelines.execution import ExecutionResult, LogLine
 from runs import orchestrator
 from runs.models import BlockRun, LogEntry, PipelineRun
 from runs.orchestrator import operations
-from runs.orchestrator.execute import _finish
+from runs.orchestrator.execute import _finish, _LogWriter
 from runs.services import run_execute_sync
 from tests.helpers import block_code, chain, make_pipeline
 
@@ -227,6 +227,49 @@ def test_cancelling_a_block_while_its_upstream_finishes_does_not_deadlock(monkey
     assert statuses(run) == {"b000": "completed", "b001": "cancelled"}
     run.refresh_from_db()
     assert run.status == "cancelled"
+
+
+
+def test_a_heartbeat_with_log_lines_and_a_cancel_of_its_run_do_not_deadlock(monkeypatch):
+    # A heartbeat that writes log lines holds its block run, and its log rows need the
+    # run's row at commit; a cancel holds the run and wants the block run.
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks are PostgreSQL's; SQLite runs one writer at a time")
+    run = orchestrator.run_create(chain("race3", 1), start=False)
+    [queued] = orchestrator.advance(run.pk)
+    BlockRun.objects.filter(pk=queued).update(status="running", claim="mine")
+    writer = _LogWriter(BlockRun.objects.get(pk=queued), "mine")
+    writer.lines = [LogLine(time.time(), "INFO", "a line")]
+    write, inside, errors = _LogWriter.write, threading.Event(), []
+
+    def slow_write(self):
+        inside.set()
+        time.sleep(0.5)  # the cancel comes meanwhile
+        return write(self)
+
+    monkeypatch.setattr(_LogWriter, "write", slow_write)
+
+    def cancel() -> None:
+        try:
+            assert inside.wait(10)
+            orchestrator.run_cancel(run.pk)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=cancel)
+    thread.start()
+    try:
+        alive = writer.heartbeat()
+    except Exception as exc:  # noqa: BLE001 - the test reports it
+        errors.append(exc)
+    thread.join(15)
+    assert errors == []
+    # The heartbeat came first: its line is kept, and the cancel then took the block run.
+    assert alive is True
+    assert LogEntry.objects.filter(block_run_id=queued, message="a line").exists()
+    assert BlockRun.objects.get(pk=queued).status == "cancelled"
 
 
 def test_block_run_limit_queues_at_most_that_many_blocks_of_a_run():
