@@ -10,6 +10,10 @@
 Every transition is a compare-and-swap (`filter(status=...).update(...)`) so that two
 workers, or a worker and a cancel, can never both win.
 
+Row locks on PostgreSQL are always taken in one order: a run, then its block runs, then
+its pipeline. A transaction that changes a block run locks (or, to add log rows,
+share-locks) its run first; the other order deadlocks with a cancel.
+
 The package: `create` (new runs), `advance` (what runs next, and sending it to the
 workers), `execute` (a block run from claim to result), `retries`, `operations` (stop,
 retry and cancel), `reconcile`, and `sql` (the hand-written statements of the hot path).
