@@ -24,6 +24,27 @@ def block_code(kind: str, body: str, params: str = "*args, **kwargs") -> str:
     return f"@{kind}\ndef run({params}):\n{indented}\n"
 
 
+
+def user_in(name: str, group: str | None = None, **flags):
+    """A user with password "pw", in `group` ("editors", "viewers") if given."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    user = get_user_model().objects.create_user(name, password="pw", **flags)
+    if group:
+        user.groups.add(Group.objects.get_or_create(name=group)[0])
+    return user
+
+
+def api_client(user):
+    """A DRF test client logged in as `user`."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
 def make_pipeline(uuid: str, blocks: Iterable[Sequence], **fields) -> Pipeline:
     """blocks: (uuid, type, code[, [upstream uuids]]) in creation order."""
     pipeline = services.pipeline_create(uuid=uuid, **fields)

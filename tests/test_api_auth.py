@@ -17,37 +17,31 @@ from rest_framework.test import APIClient
 
 from config.api import exception_handler, json_not_found, json_server_error
 from config.permissions import user_can_edit, user_can_view
-from tests.helpers import block_code, make_pipeline
+from tests.helpers import block_code, make_pipeline, user_in
 from triggers import services
 from triggers.models import Event
 
 pytestmark = [pytest.mark.django_db, pytest.mark.sqlite]
 
 
-def _user(django_user_model, name: str, group: str | None = None, **flags):
-    user = django_user_model.objects.create_user(name, password="pw", **flags)
-    if group:
-        user.groups.add(Group.objects.get_or_create(name=group)[0])
-    return user
+
+@pytest.fixture
+def editor():
+    return user_in("erin", "editors")
 
 
 @pytest.fixture
-def editor(django_user_model):
-    return _user(django_user_model, "erin", "editors")
-
-
-@pytest.fixture
-def viewer(django_user_model):
-    return _user(django_user_model, "vic", "viewers")
+def viewer():
+    return user_in("vic", "viewers")
 
 
 # --- roles -------------------------------------------------------------------------------------
 
 def test_roles(django_user_model, editor, viewer) -> None:
-    plain = _user(django_user_model, "pat")
-    staff = _user(django_user_model, "sam", is_staff=True)
+    plain = user_in("pat")
+    staff = user_in("sam", is_staff=True)
     root = django_user_model.objects.create_superuser("root", password="pw")
-    gone = _user(django_user_model, "gone", "editors", is_active=False)
+    gone = user_in("gone", "editors", is_active=False)
 
     assert [user_can_view(u) for u in (AnonymousUser(), viewer, plain, editor, staff, root, gone)] == [
         False, True, True, True, True, True, False,
@@ -57,8 +51,8 @@ def test_roles(django_user_model, editor, viewer) -> None:
     ]
 
 
-def test_a_user_in_both_groups_may_edit(django_user_model) -> None:
-    user = _user(django_user_model, "both", "viewers")
+def test_a_user_in_both_groups_may_edit() -> None:
+    user = user_in("both", "viewers")
     user.groups.add(Group.objects.get_or_create(name="editors")[0])
 
     assert user_can_edit(user)
@@ -167,8 +161,8 @@ def test_create_api_token_rotate_replaces_the_token(editor) -> None:
     assert client.get("/api/").status_code == 401
 
 
-def test_create_api_token_refuses_an_unknown_or_inactive_user(django_user_model) -> None:
-    _user(django_user_model, "gone", is_active=False)
+def test_create_api_token_refuses_an_unknown_or_inactive_user() -> None:
+    user_in("gone", is_active=False)
 
     with pytest.raises(CommandError, match="No user 'nobody'"):
         _command("nobody")

@@ -1,19 +1,15 @@
 from __future__ import annotations
 
-import threading
-import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from pipelines import variables
-from pipelines.execution import ExecutionResult, LogLine
+from pipelines.execution import ExecutionResult
 from runs import orchestrator
 from runs.models import BlockRun, LogEntry, PipelineRun
-from runs.orchestrator import operations
-from runs.orchestrator.execute import _finish, _LogWriter
+from runs.orchestrator.execute import _finish
 from runs.services import run_execute_sync
 from tests.helpers import block_code, chain, make_pipeline
 
@@ -142,134 +138,6 @@ def test_a_result_from_an_attempt_that_lost_its_claim_is_ignored():
     br.refresh_from_db()
     assert (br.status, br.claim) == ("running", "new-owner")
 
-
-
-@pytest.mark.parametrize("held", ["known run", "bare block run"])
-def test_a_finishing_block_and_a_cancel_of_its_run_do_not_deadlock(held):
-    # A cancel locks the run, then changes its block runs. A finishing block that locked
-    # its block run first and then waited for the run would close the cycle: PostgreSQL
-    # would abort one of them (the cancel failing, or the result lost with an error).
-    if connection.vendor != "postgresql":
-        pytest.skip("row locks are PostgreSQL's; SQLite runs one writer at a time")
-    run = orchestrator.run_create(chain("race", 1), start=False)
-    [queued] = orchestrator.advance(run.pk)
-    BlockRun.objects.filter(pk=queued).update(status="running", claim="mine")
-    br = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=queued)
-    if held == "bare block run":
-        br = BlockRun.objects.get(pk=queued)
-    locked, errors = threading.Event(), []
-
-    def cancel() -> None:
-        try:
-            with transaction.atomic():
-                PipelineRun.objects.select_for_update().get(pk=run.pk)
-                locked.set()
-                time.sleep(0.5)  # the block finishes meanwhile
-                orchestrator.run_stop(run.pk)
-        except Exception as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=cancel)
-    thread.start()
-    assert locked.wait(10)
-    try:
-        finished = _finish(br, "mine", ExecutionResult(status="completed"))
-    except Exception as exc:  # noqa: BLE001 - the test reports it
-        errors.append(exc)
-    thread.join(15)
-    assert errors == []
-    # The cancel came first: the block's result is not recorded over it.
-    assert finished == ([], None)
-    run.refresh_from_db()
-    assert run.status == "cancelled"
-    assert BlockRun.objects.get(pk=queued).status == "cancelled"
-
-
-
-def test_cancelling_a_block_while_its_upstream_finishes_does_not_deadlock(monkeypatch):
-    # The upstream's finish locks the run and then claims the downstream block; a cancel
-    # of that block that locked the block run before the run would close the cycle.
-    if connection.vendor != "postgresql":
-        pytest.skip("row locks are PostgreSQL's; SQLite runs one writer at a time")
-    run = orchestrator.run_create(chain("race2", 2), start=False)
-    [first] = orchestrator.advance(run.pk)
-    BlockRun.objects.filter(pk=first).update(status="running", claim="mine")
-    br = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=first)
-    second = BlockRun.objects.get(pipeline_run=run, block_uuid="b001").pk
-    audit, inside, errors = operations._audit, threading.Event(), []
-
-    def slow_audit(*args, **kwargs):
-        inside.set()
-        time.sleep(0.5)  # the upstream finishes meanwhile
-        return audit(*args, **kwargs)
-
-    monkeypatch.setattr(operations, "_audit", slow_audit)
-
-    def cancel() -> None:
-        try:
-            orchestrator.block_run_cancel(second)
-        except Exception as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=cancel)
-    thread.start()
-    assert inside.wait(10)
-    try:
-        _finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
-    except Exception as exc:  # noqa: BLE001 - the test reports it
-        errors.append(exc)
-    thread.join(15)
-    assert errors == []
-    assert statuses(run) == {"b000": "completed", "b001": "cancelled"}
-    run.refresh_from_db()
-    assert run.status == "cancelled"
-
-
-
-def test_a_heartbeat_with_log_lines_and_a_cancel_of_its_run_do_not_deadlock(monkeypatch):
-    # A heartbeat that writes log lines holds its block run, and its log rows need the
-    # run's row at commit; a cancel holds the run and wants the block run.
-    if connection.vendor != "postgresql":
-        pytest.skip("row locks are PostgreSQL's; SQLite runs one writer at a time")
-    run = orchestrator.run_create(chain("race3", 1), start=False)
-    [queued] = orchestrator.advance(run.pk)
-    BlockRun.objects.filter(pk=queued).update(status="running", claim="mine")
-    writer = _LogWriter(BlockRun.objects.get(pk=queued), "mine")
-    writer.lines = [LogLine(time.time(), "INFO", "a line")]
-    write, inside, errors = _LogWriter.write, threading.Event(), []
-
-    def slow_write(self):
-        inside.set()
-        time.sleep(0.5)  # the cancel comes meanwhile
-        return write(self)
-
-    monkeypatch.setattr(_LogWriter, "write", slow_write)
-
-    def cancel() -> None:
-        try:
-            assert inside.wait(10)
-            orchestrator.run_cancel(run.pk)
-        except Exception as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=cancel)
-    thread.start()
-    try:
-        alive = writer.heartbeat()
-    except Exception as exc:  # noqa: BLE001 - the test reports it
-        errors.append(exc)
-    thread.join(15)
-    assert errors == []
-    # The heartbeat came first: its line is kept, and the cancel then took the block run.
-    assert alive is True
-    assert LogEntry.objects.filter(block_run_id=queued, message="a line").exists()
-    assert BlockRun.objects.get(pk=queued).status == "cancelled"
 
 
 def test_block_run_limit_queues_at_most_that_many_blocks_of_a_run():

@@ -4,14 +4,13 @@ the runs they caused."""
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import Group
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from pipelines.models import Pipeline
 from runs.models import PipelineRun, RunType
-from tests.helpers import block_code, make_pipeline
+from tests.helpers import api_client, block_code, make_pipeline, user_in
 from triggers import services
 from triggers.models import Event, Trigger
 
@@ -32,22 +31,15 @@ def on_upload(pipeline: Pipeline) -> Trigger:
     )
 
 
-def _client(django_user_model, name: str, group: str) -> APIClient:
-    user = django_user_model.objects.create_user(name, password="pw")
-    user.groups.add(Group.objects.get_or_create(name=group)[0])
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
+
+@pytest.fixture
+def editor() -> APIClient:
+    return api_client(user_in("erin", "editors"))
 
 
 @pytest.fixture
-def editor(django_user_model) -> APIClient:
-    return _client(django_user_model, "erin", "editors")
-
-
-@pytest.fixture
-def viewer(django_user_model) -> APIClient:
-    return _client(django_user_model, "vic", "viewers")
+def viewer() -> APIClient:
+    return api_client(user_in("vic", "viewers"))
 
 
 def post_event(client: APIClient, source: str, name: str, payload: object, *, wrap: bool = True):

@@ -7,12 +7,11 @@ from datetime import UTC, datetime
 
 import pytest
 import time_machine
-from django.contrib.auth.models import Group
 from rest_framework.test import APIClient
 
 from pipelines.models import Pipeline
 from runs.models import PipelineRun, RunType
-from tests.helpers import block_code, make_pipeline
+from tests.helpers import api_client, block_code, make_pipeline, user_in
 from triggers import services
 from triggers.models import Trigger, TriggerStatus
 
@@ -40,32 +39,21 @@ def trigger(pipeline: Pipeline) -> Trigger:
     )
 
 
-def _user(django_user_model, name: str, group: str | None = None, **flags):
-    user = django_user_model.objects.create_user(name, password="pw", **flags)
-    if group:
-        user.groups.add(Group.objects.get_or_create(name=group)[0])
-    return user
-
-
-def _client(user) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
 
 
 @pytest.fixture
-def editor(django_user_model) -> APIClient:
-    return _client(_user(django_user_model, "erin", "editors"))
+def editor() -> APIClient:
+    return api_client(user_in("erin", "editors"))
 
 
 @pytest.fixture
-def viewer(django_user_model) -> APIClient:
-    return _client(_user(django_user_model, "vic", "viewers"))
+def viewer() -> APIClient:
+    return api_client(user_in("vic", "viewers"))
 
 
 @pytest.fixture
-def staff(django_user_model) -> APIClient:
-    return _client(_user(django_user_model, "sam", is_staff=True))
+def staff() -> APIClient:
+    return api_client(user_in("sam", is_staff=True))
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.contrib.auth.models import Group
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from pipelines.models import Pipeline
 from runs.models import BlockRun, PipelineRun, RunType
-from tests.helpers import block_code, make_pipeline
+from tests.helpers import block_code, make_pipeline, user_in
 from triggers import services
 from triggers.api import API_TRIGGER_MAX_BODY
 from triggers.models import ApiRequest, Trigger
@@ -41,17 +40,13 @@ def trigger(pipeline: Pipeline) -> Trigger:
 
 
 @pytest.fixture
-def editor(django_user_model):
-    user = django_user_model.objects.create_user("erin", password="pw")
-    user.groups.add(Group.objects.get_or_create(name="editors")[0])
-    return user
+def editor():
+    return user_in("erin", "editors")
 
 
 @pytest.fixture
-def viewer(django_user_model):
-    user = django_user_model.objects.create_user("vic", password="pw")
-    user.groups.add(Group.objects.get_or_create(name="viewers")[0])
-    return user
+def viewer():
+    return user_in("vic", "viewers")
 
 
 def fire(trigger: Trigger, body: object = None, *, token: str | None = None, raw: bytes | None = None, **headers) -> object:
