@@ -65,7 +65,7 @@ class ForkServer:
 
     def environ_changed(self) -> bool:
         """Whether the caller's environment differs from the one the server started with."""
-        return environ_snapshot() != self.environ
+        return _environ_now() != self.environ
 
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.sock.fileno() >= 0 and self.proc.poll() is None
@@ -134,11 +134,16 @@ class ForkServer:
             self.exits[int(pid)] = int(status)
 
 
-def environ_snapshot() -> dict:
-    """This process's environment, cheaply: os.environ keeps its raw bytes in `_data`,
-    which compares in C, where building a dict of str decodes every entry."""
+def _environ_now() -> dict:
+    """This process's environment as it is, cheaply: os.environ keeps its raw bytes in
+    `_data`, which compares in C, where building a dict of str decodes every entry."""
     data = getattr(os.environ, "_data", None)
-    return dict(data) if isinstance(data, dict) else dict(os.environ)
+    return data if isinstance(data, dict) else dict(os.environ)
+
+
+def environ_snapshot() -> dict:
+    """A copy of `_environ_now()`, to compare with later."""
+    return dict(_environ_now())
 
 
 class _Server:

@@ -181,8 +181,6 @@ class _LogWriter:
         LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
 
 
-
-
 def _finish(
     block_run: BlockRun, claim: str, result: ExecutionResult, *, logs: _LogWriter | None = None, claim_next: bool = False,
 ) -> tuple[list[int], _Claimed | None]:
