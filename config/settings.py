@@ -147,6 +147,10 @@ MILLRACE_HEARTBEAT_LIMIT = envint("MILLRACE_HEARTBEAT_LIMIT", 60, minimum=5)
 MILLRACE_HEARTBEAT_INTERVAL = envfloat("MILLRACE_HEARTBEAT_INTERVAL", 2.0)
 # Run the next block of a chain in the same worker instead of a broker round trip.
 MILLRACE_INLINE_CHAIN = envbool("MILLRACE_INLINE_CHAIN", True)
+# On PostgreSQL, the statements every block goes through are prepared once per
+# connection. Turn off behind a pooler in transaction mode (PgBouncer's default is
+# session mode, which is fine).
+MILLRACE_PREPARED_STATEMENTS = envbool("MILLRACE_PREPARED_STATEMENTS", True)
 
 _Q_TIMEOUT = envint("MILLRACE_TASK_TIMEOUT", 7 * 24 * 3600, minimum=60)
 Q_CLUSTER = {

@@ -49,6 +49,9 @@ class PipelineDefinition:
     graph: dict[str, list[str]] = field(default_factory=dict)
     # The blocks in topological order, computed once per version for `advance`.
     order: tuple[str, ...] = ()
+    # {block: the block below it} where that block is the only one below it and has no
+    # other upstream: a link of a chain, which `advance` may claim as its block ends.
+    chain_next: dict[str, str] = field(default_factory=dict)
 
 
 # Definitions by pipeline id, valid while the pipeline's version is unchanged. Each
@@ -59,6 +62,14 @@ _definitions: dict[int, PipelineDefinition] = {}
 def forget_definitions() -> None:
     """Drop the cached definitions (tests, whose flushed tables give ids out again)."""
     _definitions.clear()
+
+
+def _chain_links(graph: dict[str, list[str]]) -> dict[str, str]:
+    below: dict[str, list[str]] = {}
+    for uuid, ups in graph.items():
+        for up in ups:
+            below.setdefault(up, []).append(uuid)
+    return {up: downs[0] for up, downs in below.items() if len(downs) == 1 and graph[downs[0]] == [up]}
 
 
 def pipeline_definition(pipeline_id: int, version: int) -> PipelineDefinition:
@@ -73,7 +84,8 @@ def pipeline_definition(pipeline_id: int, version: int) -> PipelineDefinition:
     )
     blocks = {row[0]: BlockDefinition(*row, upstreams=tuple(graph[row[0]])) for row in rows}
     definition = PipelineDefinition(
-        pipeline_id=pipeline_id, version=version, blocks=blocks, graph=graph, order=tuple(dag.topological_order(graph))
+        pipeline_id=pipeline_id, version=version, blocks=blocks, graph=graph,
+        order=tuple(dag.topological_order(graph)), chain_next=_chain_links(graph),
     )
     _definitions[pipeline_id] = definition
     return definition

@@ -21,6 +21,10 @@ KIND_DATAFRAME = "dataframe"
 KIND_JSON = "json"
 KIND_PICKLE = "pickle"
 ROW_GROUP_ROWS = 65536
+# A short scalar also travels in its meta, and a downstream block reads it from there
+# instead of opening its file (which is written all the same, for the API and export).
+INLINE_MAX = 256
+_INLINE_TYPES = (int, float, str, bool, type(None))
 
 
 class VariableError(Exception):
@@ -141,6 +145,8 @@ def write_value(prefix: str, name: str, value: Any) -> dict:
         meta = {"name": name, "kind": KIND_JSON, "key": key, "type": type(value).__name__}
         if isinstance(value, list | dict):
             meta["shape"] = [len(value)]
+        elif type(value) in _INLINE_TYPES and len(text) <= INLINE_MAX:
+            meta["value"] = value
         return meta
     key = f"{prefix}/{name}.pkl"
     try:
@@ -178,8 +184,10 @@ def write_outputs(prefix: str, values: list) -> list[dict]:
 
 
 def read_value(meta: dict) -> Any:
-    path = _path(meta["key"])
     kind = meta["kind"]
+    if kind == KIND_JSON and "value" in meta:
+        return meta["value"]
+    path = _path(meta["key"])
     try:
         if kind == KIND_DATAFRAME:
             import pyarrow.parquet as pq

@@ -66,11 +66,16 @@ def _advance(
     without counting the active block runs again. With `claim`, when exactly one block
     is ready it goes from `initial` to `running` under that claim in one step, for the
     caller to execute (a chain), and comes back as the second value instead of in the
-    list. `known` is the run (with its pipeline) as the caller last loaded it: only what
+    list; so does the block that the caller's own query claimed (`read.chained`). `known` is the run (with its pipeline) as the caller last loaded it: only what
     can change is read again, or nothing when the caller has read it already (`read`,
     in this transaction, with the run's row locked).
     """
     now = timezone.now()
+    chained = read.chained if read is not None else None
+    if chained is not None:
+        # The caller's query claimed the next block of a chain already: it has taken
+        # the slot the finished block freed, and nothing else is claimed here.
+        freed, claim = 0, ""
     # No savepoint when called inside `_finish`: it would add two statements per block
     # and buys nothing, since any error there rolls back the whole transaction anyway.
     with transaction.atomic(savepoint=False):
@@ -120,6 +125,10 @@ def _advance(
                 )
                 for u in ready[:room]:
                     status[u] = S.QUEUED
+        if chained is not None:
+            uuid, chain_claim = chained
+            pk, attempt = next((pk, a) for pk, u, _, a, _ in rows if u == uuid)
+            claimed = _Claimed(run, definition, pk, uuid, chain_claim, attempt)
         _set_run_status(run, status, waiting, now)
         if run.status in RUN_TERMINAL and run.pipeline.pipeline_run_limit:
             queued += start_waiting_runs(run.pipeline_id)

@@ -23,6 +23,7 @@ from runs.models import (
 from runs.orchestrator.advance import _advance, _Claimed
 from runs.orchestrator.retries import _record_retry, _retry_at
 from runs.orchestrator.sql import (
+    _ChainClaim,
     _claim,
     _lock_run_row,
     _log_row,
@@ -181,6 +182,15 @@ class _LogWriter:
         LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
 
 
+def _chain_claim(run: PipelineRun, block_uuid: str) -> _ChainClaim | None:
+    """The next block of a chain below `block_uuid`, to claim with its result (the
+    query checks that it may be)."""
+    if run.pipeline.block_run_limit:
+        return None
+    below = pipeline_definition(run.pipeline_id, run.pipeline.version).chain_next.get(block_uuid)
+    return _ChainClaim(below, uuidlib.uuid4().hex, run.pipeline.version) if below else None
+
+
 def _finish(
     block_run: BlockRun, claim: str, result: ExecutionResult, *, logs: _LogWriter | None = None, claim_next: bool = False,
 ) -> tuple[list[int], _Claimed | None]:
@@ -205,7 +215,8 @@ def _finish(
         # takes (a cancel locks the run, then changes its block runs): the other order
         # could deadlock with a cancel.
         if retry_at is None and known is not None and connection.vendor == "postgresql":
-            won, read = _record_result_and_read(block_run.pk, claim, status, result, code_hash, now, run_id)
+            chain = _chain_claim(known, block_run.block_uuid) if claim_next and status == S.COMPLETED else None
+            won, read = _record_result_and_read(block_run.pk, claim, status, result, code_hash, now, run_id, chain)
         else:
             _lock_run_row(run_id)
             if retry_at is not None:

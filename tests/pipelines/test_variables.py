@@ -227,3 +227,16 @@ def test_disk_usage_and_delete_prefix_cover_one_prefix_only(data_dir: Path):
 
     assert not (data_dir / "run2").exists()
     assert variables.read_value(keep) == "x" * 1000
+
+
+def test_a_short_scalar_travels_in_its_meta_and_is_read_from_there(data_dir: Path):
+    values = [7, 2.5, "short text", True, None]
+    metas = [variables.write_value("run/blk", f"output_{i}", value) for i, value in enumerate(values)]
+    for meta, value in zip(metas, values, strict=True):
+        assert meta["value"] == value
+        assert json.loads((data_dir / meta["key"]).read_text()) == value  # the file is written all the same
+    variables.delete_prefix("run")
+
+    assert [variables.read_value(meta) for meta in metas] == values  # from the metas: the files are gone
+    for big in ("x" * (variables.INLINE_MAX + 1), [1, 2], {"a": 1}):
+        assert "value" not in variables.write_value("run/blk", "output_9", big)
