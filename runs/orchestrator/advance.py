@@ -66,9 +66,10 @@ def _advance(
     without counting the active block runs again. With `claim`, when exactly one block
     is ready it goes from `initial` to `running` under that claim in one step, for the
     caller to execute (a chain), and comes back as the second value instead of in the
-    list; so does the block that the caller's own query claimed (`read.chained`). `known` is the run (with its pipeline) as the caller last loaded it: only what
-    can change is read again, or nothing when the caller has read it already (`read`,
-    in this transaction, with the run's row locked).
+    list; so does the block that the caller's own query claimed (`read.chained`).
+    `known` is the run (with its pipeline) as the caller last loaded it: only what can
+    change is read again, or nothing when the caller has read it already (`read`, in
+    this transaction, with the run's row locked).
     """
     now = timezone.now()
     chained = read.chained if read is not None else None
