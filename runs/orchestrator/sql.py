@@ -6,16 +6,15 @@ databases get what the ORM would send."""
 
 from __future__ import annotations
 
-import itertools
+import functools
 import os
-import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 from pipelines.execution import ExecutionResult
 from pipelines.models import Pipeline
@@ -46,29 +45,35 @@ def _db_json(field: str, value: Any) -> Any:
     return BlockRun._meta.get_field(field).get_db_prep_save(value, connection)
 
 
-def _prepared(name: str, sql: str) -> str:
-    """`sql` (with %s placeholders) as this connection should run it: on PostgreSQL, a
-    statement prepared once per connection and executed by name. Client-side binding,
-    which Django uses, has the server plan every query afresh, and for these small
-    statements planning costs about as much as running them (measured: a block's
-    four-statement query took 0.7-1.1 ms prepared, 1.1-1.7 ms planned each time). Off with
-    MILLRACE_PREPARED_STATEMENTS=false (behind a pooler that hands each transaction
+def _prepared(*statements: tuple[str, str]) -> list[str]:
+    """The statements `(name, sql with %s placeholders)` as this connection should run
+    them: on PostgreSQL, prepared once per connection and executed by name. Client-side
+    binding, which Django uses, has the server plan every query afresh, and for these
+    small statements planning costs about as much as running them (measured: a block's
+    four-statement query took 0.7-1.1 ms prepared, 1.1-1.7 ms planned each time). Off
+    with MILLRACE_PREPARED_STATEMENTS=false (behind a pooler that hands each transaction
     another server connection, a prepared statement would not be there)."""
-    if connection.vendor != "postgresql" or not settings.MILLRACE_PREPARED_STATEMENTS:
-        return sql
-    connection.ensure_connection()
-    raw = connection.connection
-    done = getattr(connection, "_millrace_prepared", None)
-    if done is None or done[0] is not raw:
-        done = (raw, set())
-        connection._millrace_prepared = done  # type: ignore[attr-defined]
+    db = connections[DEFAULT_DB_ALIAS]  # looked up once: `connection` is a proxy
+    if db.vendor != "postgresql" or not settings.MILLRACE_PREPARED_STATEMENTS:
+        return [sql for _, sql in statements]
+    db.ensure_connection()
+    done = db.__dict__.get("_millrace_prepared")
+    if done is None or done[0] is not db.connection:
+        done = db.__dict__["_millrace_prepared"] = (db.connection, set())
+    for name, sql in statements:
+        if name not in done[1]:
+            parts = sql.split("%s")  # placeholders become $1, $2, ...
+            numbered = "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]
+            with db.cursor() as cursor:
+                # Prepared statements outlive a rolled-back transaction: once is enough.
+                cursor.execute(f"PREPARE {name} AS {numbered}")
+            done[1].add(name)
+    return [_execute_text(name, sql) for name, sql in statements]
+
+
+@functools.cache
+def _execute_text(name: str, sql: str) -> str:
     count = sql.count("%s")
-    if name not in done[1]:
-        numbers = itertools.count(1)
-        with connection.cursor() as cursor:
-            # Prepared statements outlive a rolled-back transaction: once is enough.
-            cursor.execute(f"PREPARE {name} AS " + re.sub("%s", lambda _: f"${next(numbers)}", sql))
-        done[1].add(name)
     return f"EXECUTE {name}({', '.join(['%s'] * count)})" if count else f"EXECUTE {name}"
 
 
@@ -193,18 +198,18 @@ def _record_result_and_read(
     server and of this process. If the result was not recorded (the claim was lost),
     the caller ends the transaction and the lock goes with it."""
     ts = _db_time(now)
-    sql = [_prepared("millrace_lock_run", _refresh_run_sql()), _prepared("millrace_record", _RECORD_SQL)]
+    statements = [("millrace_lock_run", _refresh_run_sql()), ("millrace_record", _RECORD_SQL)]
     params = [run_id, *_record_params(block_run_id, claim, status, result, code_hash, now)]
     if chain is not None:
-        sql.append(_prepared("millrace_chain_claim", _CHAIN_CLAIM_SQL))
+        statements.append(("millrace_chain_claim", _CHAIN_CLAIM_SQL))
         params += [
             *_claim_params(chain.claim, ts), ts, run_id, chain.block_uuid, S.INITIAL, ts,
             block_run_id, claim, S.COMPLETED, run_id, PipelineRunStatus.RUNNING, chain.version,
         ]
-    sql.append(_prepared("millrace_statuses", _STATUSES_SQL))
+    statements.append(("millrace_statuses", _STATUSES_SQL))
     params += [ts, run_id]
     with connection.cursor() as cursor:
-        cursor.execute("; ".join(sql), params)
+        cursor.execute("; ".join(_prepared(*statements)), params)
         run_row = cursor.fetchone()
         cursor.nextset()
         won = cursor.rowcount == 1
