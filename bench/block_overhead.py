@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from _setup import ROOT, setup
+from _setup import ROOT, setup, vacuum
 
 LOADER = "@data_loader\ndef load(*args, **kwargs):\n    return 1\n"
 STEP = "@transformer\ndef step(*args, **kwargs):\n    return 1\n"
@@ -134,6 +134,7 @@ def main() -> None:
     print(f"copy-on-write page fault after fork: {fault_cost_us():.1f} us (per-block costs scale with it)")
 
     print("\n(a) run_pipeline --sync, whole process (start-up included)")
+    vacuum()
     for uuid in shapes:
         sync_run(uuid)  # warm the page cache
     # Interleaved, so that a drift in the machine's speed does not land on one shape.
@@ -150,6 +151,7 @@ def main() -> None:
     print(f"  per-block cost (t50 - t10) / 40: {per_block:.2f} ms")
 
     print(f"\n(b) through the workers ({args.workers} qcluster workers), enqueue to completed")
+    vacuum()
     cluster = start_cluster(args.workers)
     try:
         worker_run("bench_chain_10")  # waits for the cluster to come up

@@ -16,7 +16,7 @@ import statistics
 import time
 from contextlib import contextmanager
 
-from _setup import setup
+from _setup import setup, vacuum
 
 PIPELINE = "bench_scheduler_tick"
 CRON = "17 3 * * *"  # daily at 03:17 UTC
@@ -129,6 +129,7 @@ def main() -> None:
 
     first_task = (OrmQ.objects.order_by("-id").values_list("id", flat=True).first() or 0) + 1
     pipeline = build(args.triggers)
+    vacuum()
     block_runs: set[int] = set()
     try:
         now = timezone.now()
