@@ -20,6 +20,9 @@ from typing import Any
 KIND_DATAFRAME = "dataframe"
 KIND_JSON = "json"
 KIND_PICKLE = "pickle"
+# An output kept only in the memory of the process that made it (a run in one process
+# with cache_block_output_in_memory, for a value the store cannot write).
+KIND_MEMORY = "memory"
 ROW_GROUP_ROWS = 65536
 # A short scalar also travels in its meta, and a downstream block reads it from there
 # instead of opening its file (which is written all the same, for the API and export).
@@ -179,14 +182,41 @@ def _write_dataframe(prefix: str, name: str, df: Any) -> dict | None:
     }
 
 
-def write_outputs(prefix: str, values: list) -> list[dict]:
-    return [write_value(prefix, f"output_{i}", value) for i, value in enumerate(values)]
+# Outputs kept in this process's memory, by key: in a run in one process with
+# cache_block_output_in_memory, the blocks below take them from here, as they are.
+_memory: dict[str, Any] = {}
+
+
+def write_outputs(prefix: str, values: list, *, in_memory: bool = False) -> list[dict]:
+    """Store the outputs and return their metas. With `in_memory`, every output is
+    also kept in this process's memory for the blocks that run here later; one the
+    store cannot write (a Spark DataFrame, a connection) is kept there only."""
+    if not in_memory:
+        return [write_value(prefix, f"output_{i}", value) for i, value in enumerate(values)]
+    metas = []
+    for i, value in enumerate(values):
+        name = f"output_{i}"
+        try:
+            meta = write_value(prefix, name, value)
+        except VariableError:
+            kind = type(value)
+            meta = {"name": name, "kind": KIND_MEMORY, "key": f"{prefix}/{name}", "type": f"{kind.__module__}.{kind.__name__}"}
+        _memory[meta["key"]] = value
+        metas.append(meta)
+    return metas
 
 
 def read_value(meta: dict) -> Any:
     kind = meta["kind"]
     if kind == KIND_JSON and "value" in meta:
         return meta["value"]
+    if meta["key"] in _memory:
+        return _memory[meta["key"]]
+    if kind == KIND_MEMORY:
+        raise VariableError(
+            f"Output {meta.get('name')} ({meta.get('type')}) was kept only in the memory of the process "
+            "that ran its pipeline in one process (cache_block_output_in_memory), and that process has ended"
+        )
     path = _path(meta["key"])
     try:
         if kind == KIND_DATAFRAME:

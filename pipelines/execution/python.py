@@ -221,7 +221,7 @@ def execute(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) ->
             values = outputs_of(_call(function, args, kwargs, what="Block function"))
         for check in found.get("test", []):
             _call(check, values or [None], kwargs, what="Test")
-        metas = variables.write_outputs(spec.output_prefix, values) if values else []
+        metas = variables.write_outputs(spec.output_prefix, values, in_memory=spec.outputs_in_memory) if values else []
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, SystemExit included
         if isinstance(exc, BlockError | variables.VariableError):
             message, trace = str(exc), ""

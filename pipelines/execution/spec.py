@@ -41,6 +41,11 @@ class BlockSpec:
     # The Python block's code compiled by the caller (marshal format, for this same
     # interpreter), or None: the child then compiles `content` itself.
     code: bytes | None = None
+    # Set by a `Session`: the child waits for another block after this one.
+    keep_alive: bool = False
+    # Mage's cache_block_output_in_memory, in a run in one process: outputs stay in the
+    # process's memory for the blocks below, even those the store cannot write.
+    outputs_in_memory: bool = False
 
 
 @dataclass

@@ -110,7 +110,7 @@ def _advance(
         claimed: _Claimed | None = None
         waiting = False
         if ready:
-            room = _room_in_run(run.pipeline.block_run_limit, status)
+            room = _room_in_run(_block_limit(run.pipeline), status)
             if room > 0:
                 room = min(room, len(ready))
                 room, waiting = (room, False) if room <= freed else _take_global_slots(room)
@@ -239,6 +239,12 @@ def _classify(definition: PipelineDefinition, status: dict[str, str]) -> tuple[l
         elif all(status[u] == S.COMPLETED for u in ups):
             ready.append(uuid)
     return ready, skipped, broken
+
+
+def _block_limit(pipeline: Pipeline) -> int | None:
+    """How many block runs of one run may be active at once: a run in one process runs
+    its blocks one after another, in one process."""
+    return 1 if pipeline.run_pipeline_in_one_process else pipeline.block_run_limit
 
 
 def _room_in_run(limit: int | None, status: dict[str, str]) -> int:

@@ -18,7 +18,14 @@ from runs.models import (
     PipelineRunStatus,
     RunType,
 )
-from runs.orchestrator.advance import _classify, _room_in_run, _take_global_slots, advance, dispatch
+from runs.orchestrator.advance import (
+    _block_limit,
+    _classify,
+    _room_in_run,
+    _take_global_slots,
+    advance,
+    dispatch,
+)
 
 S = BlockRunStatus
 
@@ -108,13 +115,15 @@ def runs_start(run_ids: list[int]) -> list[int]:
                 continue
             status = {uuid: st for uuid, (_, st) in blocks.items()}
             ready, _, _ = _classify(pipeline_definition(run.pipeline_id, run.pipeline.version), status)
-            room = min(_room_in_run(run.pipeline.block_run_limit, status), len(ready))
+            room = min(_room_in_run(_block_limit(run.pipeline), status), len(ready))
             if free is None:
                 free, _ = _take_global_slots(settings.MILLRACE_CONCURRENCY)
             take = min(room, free)
             free -= take
             queued += [blocks[u][0] for u in ready[:take]]
-            (waiting if take < len(ready) else started).append(run.pk)
+            # Waiting for a slot means a global one: blocks held back by the run's own
+            # limit start as its blocks finish.
+            (waiting if take < room else started).append(run.pk)
         if queued:
             BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(status=S.QUEUED, queued_at=now, updated_at=now)
         for ids, flag in ((started, False), (waiting, True)):

@@ -11,7 +11,14 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
+from pipelines.execution import (
+    BlockSpec,
+    ExecutionResult,
+    LogLine,
+    Session,
+    UpstreamInput,
+    run_block,
+)
 from pipelines.selectors import BlockDefinition, PipelineDefinition, pipeline_definition
 from runs.models import (
     BLOCK_TERMINAL,
@@ -42,7 +49,11 @@ def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
 
     With `inline`, when finishing a block makes exactly one block ready, that block is
     claimed in the same transaction and run here next: a chain then moves at the speed
-    of its blocks, with no broker round trip and one commit per block."""
+    of its blocks, with no broker round trip and one commit per block.
+
+    A run of a pipeline with `run_pipeline_in_one_process` has one block active at a
+    time (`advance` sees to it), so with `inline` all its blocks come here one after
+    another, and they run in one child process (a `Session`), sharing its memory."""
     claim = uuidlib.uuid4().hex
     if not _claim(block_run_id, claim, timezone.now()):
         return []
@@ -50,13 +61,18 @@ def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
     run = block_run.pipeline_run
     definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
     upstream_outputs = None
-    while True:
-        result, logs = _execute(block_run, claim, definition, upstream_outputs)
-        queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline)
-        if claimed is None:
-            return queued
-        block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
-        claim, definition = claimed.claim, claimed.definition
+    session = Session() if run.pipeline.run_pipeline_in_one_process else None
+    try:
+        while True:
+            result, logs = _execute(block_run, claim, definition, upstream_outputs, session)
+            queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline)
+            if claimed is None:
+                return queued
+            block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
+            claim, definition = claimed.claim, claimed.definition
+    finally:
+        if session is not None:
+            session.close()
 
 
 def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict]) -> tuple[BlockRun, dict[str, list[dict]]]:
@@ -79,6 +95,7 @@ def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict
 
 def _execute(
     block_run: BlockRun, claim: str, definition: PipelineDefinition, upstream_outputs: dict[str, list[dict]] | None,
+    session: Session | None = None,
 ) -> tuple[ExecutionResult, _LogWriter]:
     """Run a claimed block run's code. Returns the result and the log lines not written
     yet (`_finish` writes them with the result, if the attempt still holds its claim)."""
@@ -89,7 +106,9 @@ def _execute(
         return ExecutionResult(status=S.FAILED, error=error), logs
     logs.code_hash = block.content_hash
     spec = _spec(block_run, block, upstream_outputs)
-    result = run_block(spec, on_log=logs.add, on_tick=logs.heartbeat, tick=settings.MILLRACE_HEARTBEAT_INTERVAL)
+    result = run_block(
+        spec, on_log=logs.add, on_tick=logs.heartbeat, tick=settings.MILLRACE_HEARTBEAT_INTERVAL, session=session,
+    )
     return result, logs
 
 
@@ -123,6 +142,7 @@ def _spec(block_run: BlockRun, block: BlockDefinition, outputs: dict[str, list[d
         kwargs=kwargs,
         output_prefix=f"pipeline_runs/{run.pk}/{block.uuid}/{block_run.claim}",
         timeout=block.timeout,
+        outputs_in_memory=run.pipeline.run_pipeline_in_one_process and run.pipeline.cache_block_output_in_memory,
     )
 
 
