@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pipelines import variables
 from runs import orchestrator
 from runs.models import BlockRun
 from runs.services import run_wait
@@ -62,6 +63,23 @@ def test_workers_run_a_chain_and_each_next_block_runs_in_the_same_worker(cluster
     # The chain moved without a broker round trip: one worker process ran every block.
     assert len({worker for worker, _ in rows}) == 1
     assert rows[-1][1][0]["kind"] == "json"
+
+
+def test_a_run_in_one_process_stays_in_one_process_of_one_worker(cluster):
+    cluster(workers=2)
+    body = "import os\nreturn {'pid': os.getpid()}"
+    pipeline = make_pipeline("wone", [
+        ("a", "data_loader", block_code("data_loader", body)),
+        ("b", "transformer", block_code("transformer", body), ["a"]),
+        ("c", "transformer", block_code("transformer", body), ["a"]),
+        ("d", "transformer", block_code("transformer", body), ["b", "c"]),
+    ], run_pipeline_in_one_process=True)
+    run = run_wait(orchestrator.run_create(pipeline), timeout=60)
+    assert run.status == "completed"
+    rows = list(run.block_runs.values_list("worker", "outputs"))
+    assert len({worker for worker, _ in rows}) == 1
+    pids = {variables.read_value(outputs[0])["pid"] for _, outputs in rows}
+    assert len(pids) == 1
 
 
 def test_a_fan_out_spreads_over_several_workers(cluster):
