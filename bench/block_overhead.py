@@ -1,6 +1,7 @@
 """Orchestration cost per block: chains of 10 and 50 no-op Python blocks and a fan-out
 of 50, run (a) by `run_pipeline --sync` as a whole process and (b) through the worker
-path (enqueue, `qcluster` workers, completion) on the configured database.
+path (enqueue, `qcluster` workers, completion) on the configured database. The two
+chains also run with `--sync` in one process (`run_pipeline_in_one_process`).
 
     .venv/bin/python bench/block_overhead.py [--repeat 5] [--workers 2]
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/millrace_bench .venv/bin/python bench/block_overhead.py
@@ -34,9 +35,11 @@ def build() -> dict[str, str]:
     from pipelines.models import Pipeline
 
     shapes = {"bench_chain_10": ("chain", 10), "bench_chain_50": ("chain", 50), "bench_fan_out_50": ("fan", 50)}
-    for uuid, (shape, n) in shapes.items():
+    # The same chains run in one process (Mage's run_pipeline_in_one_process).
+    one = {"bench_one_chain_10": ("chain", 10), "bench_one_chain_50": ("chain", 50)}
+    for uuid, (shape, n) in {**shapes, **one}.items():
         Pipeline.objects.filter(uuid=uuid).delete()
-        pipeline = services.pipeline_create(uuid=uuid)
+        pipeline = services.pipeline_create(uuid=uuid, run_pipeline_in_one_process=uuid in one)
         services.block_create(pipeline=pipeline, uuid="b000", type="data_loader", content=LOADER)
         for i in range(1, n + (1 if shape == "fan" else 0)):
             up = "b000" if shape == "fan" else f"b{i - 1:03d}"
@@ -165,6 +168,10 @@ def main() -> None:
         print(f"  {uuid:<18} {sync[uuid]:7.3f} s   peak RSS {peak:6.1f} MiB")
     per_block = (sync["bench_chain_50"] - sync["bench_chain_10"]) / 40 * 1000
     print(f"  per-block cost (t50 - t10) / 40: {per_block:.2f} ms")
+    one = {uuid: statistics.median(sync_run(uuid)[0] for _ in range(args.repeat)) for uuid in ("bench_one_chain_10", "bench_one_chain_50")}
+    per_block = (one["bench_one_chain_50"] - one["bench_one_chain_10"]) / 40 * 1000
+    print(f"  in one process (run_pipeline_in_one_process): chain 10 {one['bench_one_chain_10']:.3f} s, "
+          f"chain 50 {one['bench_one_chain_50']:.3f} s, per block {per_block:.2f} ms")
 
     print(f"\n(b) through the workers ({args.workers} qcluster workers), enqueue to completed")
     vacuum()

@@ -326,13 +326,17 @@ class Session:
         spec.keep_alive = True
         payload = _payload(spec, run)
         started = time.monotonic()
+        if self._child is not None and not _send(self._child[2], payload):
+            # The process ended between two blocks (killed from outside): the spec never
+            # reached it and nothing of this block ran; it runs in a new process.
+            self.close()
         if self._child is None:
             server, pid, spec_w, out_r, err_r, msg_r = _spawn(run, payload)
             self._child = (server, pid, spec_w, _Pipes(out_r, err_r, msg_r))
             sent = _send(spec_w, memoryview(payload)[min(len(payload), _PIPE_BUFFER):])
         else:
             server, pid, spec_w, _ = self._child
-            sent = _send(spec_w, payload)
+            sent = True
         pipes = self._child[3]
         result, alive = _supervise(spec, pid, pipes, started, on_log, on_tick, tick, session=True)
         if result is None:

@@ -3,6 +3,8 @@ pipeline run with Mage's `run_pipeline_in_one_process`), sharing its memory."""
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 
 import pytest
@@ -124,3 +126,14 @@ def test_without_outputs_in_memory_a_value_the_store_cannot_write_fails_the_bloc
 
     assert result.status == "failed"
     assert "cannot be stored" in result.error
+
+
+def test_a_process_killed_between_two_blocks_is_replaced_before_the_next_block(session):
+    pid_code = "import os\n@transformer\ndef p(*args, **kwargs):\n    return {'pid': os.getpid()}\n"
+    first = value(run_in(session, spec("first", pid_code))[0])["pid"]
+    os.kill(first, signal.SIGKILL)  # the session's own child, by its id
+    assert is_gone(first)
+
+    second = run_in(session, spec("second", pid_code))[0]
+
+    assert value(second)["pid"] != first
