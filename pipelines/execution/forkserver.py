@@ -280,17 +280,18 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    # Looked up once in the server, so a child pays only the call.
+def libc_function(name: str) -> Callable[..., int] | None:
+    """A C library function through ctypes, or None where there is none. Looked up once
+    in the server, so a child pays only the call."""
     try:
         import ctypes
 
-        return ctypes.CDLL(None, use_errno=True).prctl
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
 
 
-_prctl = _load_prctl()
+_prctl = libc_function("prctl")
 _PR_SET_PDEATHSIG = 1
 
 

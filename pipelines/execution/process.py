@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from pipelines.execution.forkserver import ForkServer, ForkServerError
+from pipelines.execution.forkserver import ForkServer, ForkServerError, libc_function
 from pipelines.execution.spec import CANCELLED, FAILED, BlockSpec, ExecutionResult, LogLine
 
 # Called with new log lines; the caller batches them into its store.
@@ -147,17 +147,7 @@ def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) 
 END_MARK = b"\0millrace: end of block output\n"
 
 
-def _load_fflush() -> Callable[..., int] | None:
-    # Looked up once in the fork server.
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None).fflush
-    except (OSError, AttributeError):
-        return None
-
-
-_fflush = _load_fflush()
+_fflush = libc_function("fflush")
 
 
 def _flush_c_stdio() -> None:
@@ -333,15 +323,14 @@ class Session:
         if self._child is None:
             server, pid, spec_w, out_r, err_r, msg_r = _spawn(run, payload)
             self._child = (server, pid, spec_w, _Pipes(out_r, err_r, msg_r))
-            sent = _send(spec_w, memoryview(payload)[min(len(payload), _PIPE_BUFFER):])
-        else:
-            server, pid, spec_w, _ = self._child
-            sent = True
-        pipes = self._child[3]
+            # A child that dies before it has all of it ends without a result: the
+            # supervisor sees that.
+            _send(spec_w, memoryview(payload)[min(len(payload), _PIPE_BUFFER):])
+        server, pid, _, pipes = self._child
         result, alive = _supervise(spec, pid, pipes, started, on_log, on_tick, tick, session=True)
         if result is None:
             result = _result(server.exit_status(pid), started)
-        if not (alive and sent):
+        if not alive:
             self.close()
         _preload(server, result)
         return result
