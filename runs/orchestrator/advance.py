@@ -23,6 +23,7 @@ from runs.models import (
     PipelineRun,
     PipelineRunStatus,
 )
+from runs.orchestrator.isolate import isolated, run_fail
 from runs.orchestrator.sql import (
     _CONCURRENCY,
     _block_statuses,
@@ -208,9 +209,13 @@ def start_waiting_runs(pipeline_id: int) -> list[int]:
     many as are free. Called when a run ends, and by the scheduler's pass."""
     queued: list[int] = []
     waiting = PipelineRun.objects.filter(pipeline_id=pipeline_id, waiting_for_run_slot=True, status=PipelineRunStatus.INITIAL)
-    for run_id in waiting.order_by("created_at", "id").values_list("id", flat=True)[:50]:
-        queued.extend(advance(run_id))
-        if PipelineRun.objects.filter(pk=run_id, status=PipelineRunStatus.INITIAL).exists():
+    for run_id in list(waiting.order_by("created_at", "id").values_list("id", flat=True)[:50]):
+        got = isolated(
+            f"starting waiting run {run_id}", lambda run_id=run_id: advance(run_id),
+            lambda why, run_id=run_id: run_fail(run_id, why),
+        )
+        queued.extend(got or [])
+        if got is not None and PipelineRun.objects.filter(pk=run_id, status=PipelineRunStatus.INITIAL).exists():
             break
     return queued
 

@@ -3,6 +3,7 @@ result and advance its run in one transaction."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid as uuidlib
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from runs.models import (
 )
 from runs.orchestrator.advance import _advance, _Claimed
 from runs.orchestrator.retries import _record_retry, _retry_at
+from runs.orchestrator.salvage import block_run_fail
 from runs.orchestrator.sql import (
     _ChainClaim,
     _claim,
@@ -39,6 +41,8 @@ from runs.orchestrator.sql import (
 )
 
 S = BlockRunStatus
+
+log = logging.getLogger("millrace.worker")
 
 
 def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
@@ -65,7 +69,12 @@ def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
     try:
         while True:
             result, logs = _execute(block_run, claim, definition, upstream_outputs, session)
-            queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline)
+            try:
+                queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline)
+            except Exception as exc:  # a row the normal path cannot write: fail it, go on
+                log.exception("block run %s: its result could not be recorded", block_run.pk)
+                block_run_fail(block_run.pk, f"its result could not be recorded: {type(exc).__name__}: {exc}", claim=claim)
+                return []
             if claimed is None:
                 return queued
             block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
@@ -105,7 +114,10 @@ def _execute(
         error = f"Block {block_run.block_uuid} no longer exists in pipeline {block_run.pipeline_run.pipeline.uuid}"
         return ExecutionResult(status=S.FAILED, error=error), logs
     logs.code_hash = block.content_hash
-    spec = _spec(block_run, block, upstream_outputs)
+    try:
+        spec = _spec(block_run, block, upstream_outputs)
+    except Exception as exc:  # a stored value the spec cannot be built from
+        return ExecutionResult(status=S.FAILED, error=f"The block could not be started: {type(exc).__name__}: {exc}"), logs
     result = run_block(
         spec, on_log=logs.add, on_tick=logs.heartbeat, tick=settings.MILLRACE_HEARTBEAT_INTERVAL, session=session,
     )

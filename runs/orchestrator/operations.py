@@ -21,6 +21,7 @@ from runs.models import (
     RunAction,
 )
 from runs.orchestrator.advance import _lock_run, advance, dispatch, start_waiting_runs
+from runs.orchestrator.isolate import isolated, run_fail
 from runs.orchestrator.retries import wake_waiting_runs
 from runs.orchestrator.sql import _lock_run_row
 
@@ -68,20 +69,32 @@ def enforce_deadlines(now: datetime | None = None) -> dict[str, int]:
     timed = PipelineRun.objects.filter(status=PipelineRunStatus.RUNNING, timeout__isnull=False)
     for run_id, started_at, timeout, timeout_status in timed.values_list("id", "started_at", "timeout", "timeout_status"):
         if started_at and now >= started_at + timedelta(seconds=timeout):
-            if run_stop(run_id, status=timeout_status or PipelineRunStatus.FAILED, reason=f"timed out after {timeout} s"):
+            reason = f"timed out after {timeout} s"
+            stopped = isolated(
+                f"deadlines: stopping run {run_id}",
+                lambda run_id=run_id, status=timeout_status, reason=reason: run_stop(run_id, status=status or PipelineRunStatus.FAILED, reason=reason),
+                lambda why, run_id=run_id, reason=reason: run_fail(run_id, f"{reason}; {why}", now=now),
+            )
+            if stopped is not False:
                 done["timed_out"] += 1
     late = PipelineRun.objects.filter(
         status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING], sla__isnull=False, passed_sla=False,
     )
     for run_id, created_at, sla in late.values_list("id", "created_at", "sla"):
         if now > created_at + timedelta(seconds=sla):
-            if PipelineRun.objects.filter(pk=run_id, passed_sla=False).update(passed_sla=True, updated_at=now):
-                LogEntry.objects.create(
-                    pipeline_run_id=run_id, timestamp=now, level="WARNING",
-                    message=f"SLA missed: the run was not finished {sla} s after it was created",
-                )
+            if isolated(f"deadlines: marking the SLA miss of run {run_id}", lambda run_id=run_id, sla=sla: _mark_sla_missed(run_id, sla, now)):
                 done["passed_sla"] += 1
     return done
+
+
+def _mark_sla_missed(run_id: int, sla: int, now: datetime) -> bool:
+    if not PipelineRun.objects.filter(pk=run_id, passed_sla=False).update(passed_sla=True, updated_at=now):
+        return False
+    LogEntry.objects.create(
+        pipeline_run_id=run_id, timestamp=now, level="WARNING",
+        message=f"SLA missed: the run was not finished {sla} s after it was created",
+    )
+    return True
 
 
 class ActionRefused(Exception):

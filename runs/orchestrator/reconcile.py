@@ -1,4 +1,7 @@
-"""Repairing what dead workers left behind (the scheduler's periodic pass)."""
+"""Repairing what dead workers left behind (the scheduler's periodic pass).
+
+Each row is handled in a savepoint of its own (`isolate.isolated`): a row that cannot be
+handled is failed on the spot (`salvage`) and the pass goes on with the others."""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from runs.models import (
 )
 from runs.orchestrator.advance import advance, dispatch
 from runs.orchestrator.execute import _finish
+from runs.orchestrator.isolate import isolated
 from runs.orchestrator.retries import retries_due, wake_waiting_runs
+from runs.orchestrator.salvage import block_run_fail, run_advance_or_fail
 
 S = BlockRunStatus
 
@@ -33,11 +38,12 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     limit = timedelta(seconds=settings.MILLRACE_HEARTBEAT_LIMIT)
     done = {"failed": 0, "requeued": 0, "retried": 0, "advanced": 0}
     stale = Q(heartbeat_at__lt=now - limit) | Q(heartbeat_at__isnull=True, started_at__lt=now - limit)
-    for br in BlockRun.objects.filter(stale, status=S.RUNNING).select_related("pipeline_run__pipeline"):
-        seen = br.heartbeat_at or br.started_at
-        error = f"The worker running this block stopped heartbeating (last sign of life {seen:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead"
-        dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error))[0])
-        done["failed"] += 1
+    # Ids first, each row read in its own savepoint: a row whose columns cannot be read
+    # must not stop the others.
+    for pk, seen in BlockRun.objects.filter(stale, status=S.RUNNING).values_list("id", "heartbeat_at").order_by("id"):
+        error = "The worker running this block stopped heartbeating"
+        error += f" (last sign of life {seen:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead" if seen else "; it is presumed dead"
+        done["failed"] += _fail_block_run(pk, error)
     if done["failed"]:
         # The dead attempts' global slots are free: runs waiting for one go on now.
         dispatch(wake_waiting_runs())
@@ -45,16 +51,40 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     dispatch(retried)
     done["retried"] = len(retried)
     lost = list(BlockRun.objects.filter(status=S.QUEUED, queued_at__lt=now - limit).values_list("id", flat=True))
-    if lost:
-        BlockRun.objects.filter(id__in=lost, status=S.QUEUED).update(queued_at=now)
-        dispatch(lost)
-        done["requeued"] = len(lost)
+    done["requeued"] = requeue(lost, now)
     # Only runs untouched for a while: a run being created or advanced right now is not
     # stalled, and the tick stays cheap.
     idle = PipelineRun.objects.filter(
         status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING], updated_at__lt=now - limit,
     ).exclude(block_runs__status__in=list(BLOCK_ACTIVE)).order_by("created_at").values_list("id", flat=True)
-    for run_id in idle:
-        dispatch(advance(run_id))
+    for run_id in list(idle):
+        isolated(
+            f"reconcile: advancing idle run {run_id}", lambda run_id=run_id: dispatch(advance(run_id)),
+            lambda why, run_id=run_id: run_advance_or_fail(run_id, why, now=now),
+        )
         done["advanced"] += 1
     return done
+
+
+def _fail_block_run(pk: int, error: str) -> int:
+    """Fail (or retry) a running block run whose worker is gone; 1 if it was."""
+
+    def fail() -> int:
+        br = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=pk)
+        if br.status != S.RUNNING:
+            return 0
+        dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error))[0])
+        return 1
+
+    result = isolated(f"reconcile: block run {pk}", fail, lambda why: block_run_fail(pk, f"{error}; then {why}"))
+    return 1 if result is None else result
+
+
+def requeue(block_run_ids: list[int], now: datetime) -> int:
+    """Send queued block runs to the workers again (their task went missing). A task
+    that was not lost after all is harmless: the second claim of a block run fails."""
+    if not block_run_ids:
+        return 0
+    BlockRun.objects.filter(id__in=block_run_ids, status=S.QUEUED).update(queued_at=now)
+    dispatch(block_run_ids)
+    return len(block_run_ids)

@@ -11,11 +11,16 @@ from pipelines.selectors import pipeline_definition
 from runs.models import (
     BlockRun,
     BlockRunStatus,
+    LogEntry,
     PipelineRun,
 )
 from runs.orchestrator.advance import advance
+from runs.orchestrator.isolate import isolated
+from runs.orchestrator.salvage import run_advance_or_fail
 
 S = BlockRunStatus
+
+_LONGEST_WAIT = 365 * 24 * 3600.0
 
 
 def retry_policy(block_config: dict | None, pipeline_config: dict | None) -> tuple[int, float, bool, float | None]:
@@ -37,16 +42,29 @@ def retry_delay(attempt: int, delay: float, exponential: bool, max_delay: float 
 
 def _retry_at(block_run: BlockRun, now: datetime) -> datetime | None:
     """When the next attempt of a failed block run is due, or None when it has used its
-    retries (`retries: 0` means exactly one attempt, a timeout included)."""
+    retries (`retries: 0` means exactly one attempt, a timeout included). A retry config
+    that cannot be read (stored before it was validated) means no retry, said in the
+    run's log: the failure is recorded either way."""
     run = block_run.pipeline_run
     block = pipeline_definition(run.pipeline_id, run.pipeline.version).blocks.get(block_run.block_uuid)
     if block is None:
         return None
-    retries, delay, exponential, max_delay = retry_policy(block.retry_config, run.pipeline.retry_config)
-    attempt = max(block_run.attempt - block_run.attempt_base, 1)
-    if attempt > retries:
+    try:
+        retries, delay, exponential, max_delay = retry_policy(block.retry_config, run.pipeline.retry_config)
+        attempt = max(block_run.attempt - block_run.attempt_base, 1)
+        if attempt > retries:
+            return None
+        # Capped: a delay past what a datetime holds (exponential backoff over many
+        # attempts) waits the longest a timedelta can.
+        wait = min(retry_delay(attempt, delay, exponential, max_delay), _LONGEST_WAIT)
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+        LogEntry.objects.create(
+            pipeline_run_id=run.pk, block_run_id=block_run.pk, timestamp=now, level="WARNING",
+            message=f"Block {block_run.block_uuid} is not retried: its retry_config cannot be read ({exc})",
+            block_uuid=block_run.block_uuid, attempt=block_run.attempt,
+        )
         return None
-    return now + timedelta(seconds=retry_delay(attempt, delay, exponential, max_delay))
+    return now + timedelta(seconds=wait)
 
 
 def _record_retry(block_run: BlockRun, claim: str, result: ExecutionResult, retry_at: datetime, now: datetime) -> bool:
@@ -78,8 +96,21 @@ def retries_due(now: datetime | None = None) -> list[int]:
     ).values_list("pipeline_run_id", flat=True))
     queued: list[int] = []
     for run_id in sorted(run_ids):
-        queued += advance(run_id)
+        queued += isolated(
+            f"queueing the due retries of run {run_id}", lambda run_id=run_id: advance(run_id),
+            lambda why, run_id=run_id: _retry_failed(run_id, why, now),
+        ) or []
     return queued
+
+
+def _retry_failed(run_id: int, reason: str, now: datetime) -> None:
+    """A run whose due retry cannot be queued: the block runs that wait for a retry
+    fail with the reason, and the run goes on (or fails)."""
+    BlockRun.objects.filter(pipeline_run_id=run_id, status=S.INITIAL, next_retry_at__isnull=False).update(
+        status=S.FAILED, next_retry_at=None, error=f"The retry could not be queued: {reason}"[:10000],
+        completed_at=now, updated_at=now,
+    )
+    run_advance_or_fail(run_id, reason, now=now)
 
 
 def wake_waiting_runs(limit: int = 20) -> list[int]:
@@ -87,8 +118,13 @@ def wake_waiting_runs(limit: int = 20) -> list[int]:
     block finishes and frees one. Returns what they queued."""
     queued: list[int] = []
     waiting = PipelineRun.objects.filter(waiting_for_slot=True).order_by("created_at").values_list("id", flat=True)[:limit]
-    for run_id in waiting:
-        got = advance(run_id)
+    for run_id in list(waiting):
+        got = isolated(
+            f"waking run {run_id}", lambda run_id=run_id: advance(run_id),
+            lambda why, run_id=run_id: run_advance_or_fail(run_id, why),
+        )
+        if got is None:
+            continue  # that run could not be advanced; the slot may still be free
         queued.extend(got)
         if not got:
             break
