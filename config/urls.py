@@ -1,5 +1,9 @@
 from django.contrib import admin
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.templatetags.static import static
 from django.urls import include, path
+from django.utils.cache import patch_cache_control
+from django.views.decorators.http import require_safe
 from django.views.generic import RedirectView
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.renderers import OpenApiJsonRenderer, OpenApiYamlRenderer
@@ -11,6 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.health import healthz
 from config.permissions import CanView, user_can_edit, user_is_admin
 from runs import api as runs_api
 from triggers.urls import api_urlpatterns as triggers_api
@@ -24,13 +29,18 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
     name = "bearerAuth"
 
     def get_security_definition(self, auto_schema: object) -> dict:
-        return {"type": "http", "scheme": "bearer", "description": "An API token (`create_api_token`)."}
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API token, from `manage.py create_api_token <username>`.",
+        }
 
 
+# The API root lives here, not in config/api.py, because DRF imports that module while
+# its own views are still loading. Its docstring is the endpoint's description in the
+# OpenAPI schema, so it speaks to API users only.
 class ApiRootView(APIView):
-    """`GET /api/`: who the caller is and what they may do (handy to check a token).
-    It lives here, not in config/api.py, because DRF imports that module while its own
-    views are still loading."""
+    """Who the caller is and what they may do: a quick way to check that a token works."""
 
     permission_classes = [CanView]
 
@@ -64,6 +74,16 @@ class ApiRootView(APIView):
         )
 
 
+@require_safe
+def favicon(request: HttpRequest) -> HttpResponse:
+    """Browsers ask for /favicon.ico on pages that name no icon (the API's JSON, the
+    schema); the icon is the static SVG, which admin pages link directly."""
+    # Not permanent: a 301 would stay in browsers' caches for good if the icon moved.
+    response = HttpResponseRedirect(static("favicon.svg"))
+    patch_cache_control(response, public=True, max_age=24 * 3600)
+    return response
+
+
 class SchemaView(SpectacularAPIView):
     """`GET /api/schema/`: the OpenAPI schema, JSON by default (`?format=yaml` for YAML);
     its errors in JSON like every other API answer, never in YAML."""
@@ -90,6 +110,8 @@ api_urlpatterns = [
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
     path("admin/", admin.site.urls),
+    path("healthz", healthz, name="healthz"),
+    path("favicon.ico", favicon),
     path("api/", include(api_urlpatterns)),
 ]
 
