@@ -25,7 +25,7 @@ bytecode: $(STAMP)
 run: $(STAMP) bytecode
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py ensure_admin
-	$(BIN)/python manage.py import_mage_project examples
+	$(BIN)/python manage.py import_mage_project --keep-edited examples
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	@echo "Millrace at http://127.0.0.1:$${MILLRACE_PORT:-8000}/ (Ctrl-C stops web, worker and scheduler)"
 	$(BIN)/honcho start -f Procfile

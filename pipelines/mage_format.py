@@ -10,11 +10,21 @@ is reported (naming the file and the problem) before anything is written; then i
 every pipeline in one transaction through the services, which check again. Keys of a
 metadata.yaml that Millrace does not interpret are kept in `extra` and written back by
 export, so a project survives import -> export -> import unchanged.
+
+A project may come from anyone: its YAML is read by config.common.safe_yaml (size,
+aliases, depth and characters bounded, each refusal naming the file and line), code
+files have MAX_CODE_BYTES, and every value must be one config.common.jsonsafe accepts,
+refused naming the file and the key path.
+
+Each imported pipeline records a fingerprint of its definition (`definition_hash`), so
+that `project_import(..., keep_edited=True)` (what `make run` does with examples/) can
+leave alone a pipeline changed in Millrace since its last import.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +35,7 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from config.common import jsonsafe, safe_yaml
 from pipelines import dag, services
 from pipelines.execution.checks import BlockCodeError, check_python_syntax
 from pipelines.models import Block, BlockLanguage, BlockType, Pipeline
@@ -66,6 +77,11 @@ FILES_KEY = "_millrace_files"
 # uuid is used to build a file path, which also keeps paths inside the project.
 _SLUG = re.compile(r"^[-a-zA-Z0-9_]+$")
 
+# Block code files (and the files of callback and conditional blocks) larger than this
+# are refused, naming the file; YAML files have safe_yaml.MAX_BYTES. Documented in the
+# README ("Limits").
+MAX_CODE_BYTES = 1024 * 1024
+
 PROJECT_METADATA = (
     "# A minimal Mage project file, written by Millrace's export_pipeline.\n"
     "variables_dir: ~/.mage_data\n"
@@ -92,28 +108,22 @@ class PipelineDef:
     blocks: list[BlockDef] = field(default_factory=list)
 
 
+@dataclass
+class ImportResult:
+    imported: list[Pipeline] = field(default_factory=list)
+    # (pipeline uuid, why it was left as it is), with keep_edited only
+    kept: list[tuple[str, str]] = field(default_factory=list)
+
+
 # --- YAML ----------------------------------------------------------------------------------
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that leaves timestamps as strings: Mage writes `created_at` and users
-    write dates in variables, and a datetime would neither fit a JSON field nor come back
-    from an export as the same text."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
 def _load_yaml(path: Path, label: str) -> Any:
+    """The file's value; its size, aliases, depth and characters are checked by
+    safe_yaml, which also leaves timestamps as strings."""
     try:
-        return yaml.load(_read_text(path, label), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise MageFormatError(f"{label}: invalid YAML{where}: {problem}") from None
+        return safe_yaml.load_file(path, label)
+    except safe_yaml.YAMLSafetyError as exc:
+        raise MageFormatError(str(exc)) from None
 
 
 def _dump_yaml(data: dict[str, Any]) -> str:
@@ -121,35 +131,29 @@ def _dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True)
 
 
-def _check_json(value: Any, label: str, where: str) -> None:
+def _check_json(config: dict[str, Any], label: str) -> None:
     """Refuse what a JSON field cannot hold as it is (so that import -> export -> import
-    gives back the same value)."""
-    if value is None or isinstance(value, str | bool | int):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise MageFormatError(f"{label}: {where} is {value}, which cannot be stored")
-        return
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_json(item, label, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise MageFormatError(f"{label}: {where} has a key {key!r} that is not a string")
-            _check_json(item, label, f"{where}.{key}" if where else key)
-        return
-    raise MageFormatError(f"{label}: {where} holds a {type(value).__name__}, which cannot be stored")
+    gives back the same value, and both databases can store it), naming the key path."""
+    try:
+        jsonsafe.check(config)
+    except jsonsafe.JSONValueError as exc:
+        raise MageFormatError(f"{label}: {exc.path or 'the file'} {exc.problem}") from None
 
 
 def _read_text(path: Path, label: str) -> str:
+    """A code file's text. Reads one byte past the limit at most, so that a huge file
+    is refused without being loaded."""
     try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MageFormatError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CODE_BYTES + 1)
     except OSError as exc:
         raise MageFormatError(f"{label}: cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_CODE_BYTES:
+        raise MageFormatError(f"{label}: file too large: more than {MAX_CODE_BYTES:,} bytes (mage_format.MAX_CODE_BYTES)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MageFormatError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 # --- block files ---------------------------------------------------------------------------
@@ -230,7 +234,7 @@ def _read_pipeline(project: Path, folder: Path) -> PipelineDef:
         raise MageFormatError(f"{label}: the file is empty")
     if not isinstance(config, dict):
         raise MageFormatError(f"{label}: expected a mapping, not a {type(config).__name__}")
-    _check_json(config, label, "")
+    _check_json(config, label)
     fields = _pipeline_fields(config, label)
     files = _attached_files(project, config, label)
     if files:
@@ -386,9 +390,40 @@ def import_project(path: str | Path) -> list[Pipeline]:
     """Create or update every pipeline of the Mage project at `path`, all or nothing.
     An existing pipeline keeps its row (and its runs); its blocks and edges become the
     file's. Raises MageFormatError, naming the file, and then changes nothing."""
+    return project_import(path).imported
+
+
+def project_import(path: str | Path, *, keep_edited: bool = False) -> ImportResult:
+    """`import_project`, and with `keep_edited` a pipeline changed in Millrace since its
+    last import (or never imported) is left as it is and listed in `kept`, so that
+    `make run` can import the examples every time without undoing a user's edits. Still
+    all or nothing: every file is read and checked before the first write."""
     definitions = read_project(path)
+    result = ImportResult()
     with transaction.atomic():
-        return [_save_pipeline(definition) for definition in definitions]
+        for definition in definitions:
+            reason = _why_keep(definition.uuid) if keep_edited else None
+            if reason is None:
+                result.imported.append(_save_pipeline(definition))
+            else:
+                result.kept.append((definition.uuid, reason))
+    return result
+
+
+def _why_keep(uuid: str) -> str | None:
+    """Why the pipeline `uuid` must not be overwritten, or None when it is absent or
+    unchanged since its last import. Locks its row until the import commits, so that
+    two imports never both decide from the same state."""
+    pipeline = Pipeline.objects.select_for_update().filter(uuid=uuid).first()
+    if pipeline is None:
+        return None
+    if not pipeline.imported_hash:
+        return "not made by an import (or imported before Millrace recorded imports)"
+    try:
+        unchanged = definition_hash(pipeline) == pipeline.imported_hash
+    except MageFormatError:  # it no longer exports (a block path edited), so it was edited
+        unchanged = False
+    return None if unchanged else "changed since it was imported"
 
 
 def _save_pipeline(definition: PipelineDef) -> Pipeline:
@@ -422,6 +457,10 @@ def _save_pipeline(definition: PipelineDef) -> Pipeline:
                 services.block_set_upstreams(saved[block_def.uuid], block_def.upstreams)
     except ValidationError as exc:
         raise MageFormatError(f"{label}: {_validation_message(exc)}") from None
+    # Read back from the database (jsonb reorders keys) so that the next import compares
+    # like with like. The import's own bookkeeping, not a user's write: no service.
+    pipeline.imported_hash = definition_hash(pipeline)
+    Pipeline.objects.filter(pk=pipeline.pk).update(imported_hash=pipeline.imported_hash)
     return pipeline
 
 
@@ -473,6 +512,27 @@ def _block_to_dict(block: Block, upstreams: Sequence[str], downstreams: Sequence
     return data
 
 
+def _code_files(pipeline: Pipeline) -> dict[PurePosixPath, str]:
+    """Every code file export writes for `pipeline`, by path in the project."""
+    files: dict[PurePosixPath, str] = {}
+    for block in Block.objects.filter(pipeline=pipeline).order_by("position", "id"):
+        files[_export_path(block)] = block.content
+    for raw, content in ((pipeline.extra or {}).get(FILES_KEY) or {}).items():
+        files.setdefault(_safe_relpath(raw, f"pipeline {pipeline.uuid!r}"), content)
+    return files
+
+
+def definition_hash(pipeline: Pipeline) -> str:
+    """A fingerprint of what `export_pipeline` would write for the stored pipeline (its
+    metadata and every code file), so that any change to a field, a block, its code or
+    an edge changes it. JSON with sorted keys instead of the YAML export itself: the
+    same content, and several times faster to write for a large pipeline."""
+    pipeline = Pipeline.objects.get(pk=pipeline.pk)
+    files = {str(path): content for path, content in _code_files(pipeline).items()}
+    text = json.dumps({"metadata": pipeline_to_dict(pipeline), "files": files}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def export_pipeline(pipeline: Pipeline, directory: str | Path) -> list[Path]:
     """Write `pipeline` into the Mage project at `directory` (created if need be) and
     return the files written. Other pipelines' files there are left alone; a block file
@@ -480,11 +540,7 @@ def export_pipeline(pipeline: Pipeline, directory: str | Path) -> list[Path]:
     The same pipeline always gives the same bytes."""
     root = Path(directory)
     pipeline = Pipeline.objects.get(pk=pipeline.pk)  # the stored values, not the caller's copy
-    files: dict[PurePosixPath, str] = {}
-    for block in Block.objects.filter(pipeline=pipeline).order_by("position", "id"):
-        files[_export_path(block)] = block.content
-    for raw, content in ((pipeline.extra or {}).get(FILES_KEY) or {}).items():
-        files.setdefault(_safe_relpath(raw, f"pipeline {pipeline.uuid!r}"), content)
+    files = _code_files(pipeline)
     folder = PurePosixPath(PIPELINES_DIR, pipeline.uuid)
     files[folder / METADATA] = _dump_yaml(pipeline_to_dict(pipeline))
     written = []

@@ -59,6 +59,11 @@ class Pipeline(models.Model):
     # Bumped by the services on every change to the pipeline's blocks or edges, so that
     # workers can keep the definition in memory and know when to read it again.
     version = models.PositiveIntegerField(default=1, editable=False)
+    # Fingerprint of the definition as it stood right after its last import from a Mage
+    # project (mage_format.definition_hash), empty if never imported: `import_mage_project
+    # --keep-edited` leaves a pipeline alone once its definition no longer matches.
+    # Millrace's own bookkeeping, never exported.
+    imported_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -107,7 +112,18 @@ class Block(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.pipeline_id}:{self.uuid}"
+        return f"{self.pipeline_label}/{self.uuid}"
+
+    @property
+    def pipeline_label(self) -> str:
+        """The pipeline's uuid for titles (a query unless select_related); a block not
+        yet attached to a pipeline, or whose pipeline is gone, still has a title."""
+        if self.pipeline_id is None:
+            return "(no pipeline)"
+        try:
+            return self.pipeline.uuid
+        except Pipeline.DoesNotExist:
+            return f"(pipeline #{self.pipeline_id})"
 
     @property
     def executable(self) -> bool:
@@ -130,4 +146,16 @@ class BlockEdge(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.upstream_id} -> {self.downstream_id}"
+        # Both ends are in one pipeline (the services refuse anything else), so it is
+        # named once: "etl: load -> clean".
+        down = _block_or_none(self, "downstream")
+        up = _block_or_none(self, "upstream")
+        pipeline = down.pipeline_label if down else up.pipeline_label if up else "(no pipeline)"
+        return f"{pipeline}: {up.uuid if up else '?'} -> {down.uuid if down else '?'}"
+
+
+def _block_or_none(edge: BlockEdge, end: str) -> Block | None:
+    try:
+        return getattr(edge, end)
+    except Block.DoesNotExist:
+        return None
