@@ -68,3 +68,14 @@ def secret_key(var_dir: Path) -> str:
     with os.fdopen(fd, "w") as fh:
         fh.write(key)
     return key
+
+
+def default_block_memory_mb() -> int:
+    """Three quarters of the machine's memory, shared among the worker processes of a
+    cluster (MILLRACE_WORKERS, default min(4, cores)), and never below 512 MB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown: no limit
+    workers = envint("MILLRACE_WORKERS", min(4, os.cpu_count() or 2), minimum=1)
+    return max(512, int(total * 0.75) // workers // (1024 * 1024))

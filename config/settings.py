@@ -8,7 +8,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import envbool, envfloat, envint, secret_key
+from config.env import default_block_memory_mb, envbool, envfloat, envint, secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MILLRACE_VAR_DIR", BASE_DIR / "var"))
@@ -32,11 +32,13 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "django_filters",
-    "django_q",
+    # Before django_q: its `qcluster` command is replaced by the one in runs (see
+    # runs/cluster.py), and Django takes a command from the first app that has it.
     "io_connectors",
     "pipelines",
     "runs",
     "triggers",
+    "django_q",
 ]
 
 MIDDLEWARE = [
@@ -151,6 +153,19 @@ MILLRACE_INLINE_CHAIN = envbool("MILLRACE_INLINE_CHAIN", True)
 # connection. Turn off behind a pooler in transaction mode (PgBouncer's default is
 # session mode, which is fine).
 MILLRACE_PREPARED_STATEMENTS = envbool("MILLRACE_PREPARED_STATEMENTS", True)
+# Log lines stored per block run attempt; past it the head and the tail are kept and
+# the whole output goes to a compressed file beside the block's outputs. 0: no cap.
+MILLRACE_LOG_LINES_PER_BLOCK = envint("MILLRACE_LOG_LINES_PER_BLOCK", 10_000, minimum=0)
+# The most memory a block's process may hold, in MB (0: no limit). By default three
+# quarters of the machine's memory shared among the worker processes, so that blocks
+# running at once cannot together exhaust it.
+MILLRACE_BLOCK_MEMORY_MB = envint("MILLRACE_BLOCK_MEMORY_MB", default_block_memory_mb(), minimum=0)
+# On SIGTERM or SIGINT a worker cluster takes no new block and lets running blocks
+# finish for this many seconds; then it kills them and hands their block runs back.
+MILLRACE_SHUTDOWN_GRACE = envfloat("MILLRACE_SHUTDOWN_GRACE", 20.0)
+# A worker cluster whose own heartbeat is older than this many seconds is presumed
+# dead: its running block runs are failed or retried and its prefetched tasks sent again.
+MILLRACE_CLUSTER_HEARTBEAT_LIMIT = envint("MILLRACE_CLUSTER_HEARTBEAT_LIMIT", 10, minimum=3)
 
 _Q_TIMEOUT = envint("MILLRACE_TASK_TIMEOUT", 7 * 24 * 3600, minimum=60)
 Q_CLUSTER = {

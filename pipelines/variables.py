@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 KIND_DATAFRAME = "dataframe"
 KIND_JSON = "json"
@@ -262,6 +262,15 @@ def delete_prefix(prefix: str) -> None:
     shutil.rmtree(_path(prefix), ignore_errors=True)
 
 
+def open_file(key: str, mode: str = "rb") -> BinaryIO:
+    """A file of the store by its key (a block run's whole log, say), for the callers
+    that write or stream one themselves; its folder is created for writing."""
+    path = _path(key)
+    if "w" in mode:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, mode)  # noqa: SIM115 - the caller closes it
+
+
 def disk_usage(prefix: str) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(_path(prefix)):
@@ -271,5 +280,5 @@ def disk_usage(prefix: str) -> int:
 
 __all__ = [
     "VariableError", "write_value", "write_outputs", "read_value", "read_sample",
-    "delete_prefix", "disk_usage", "root",
+    "delete_prefix", "disk_usage", "open_file", "root",
 ]

@@ -104,7 +104,8 @@ class PipelineRun(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"run {self.pk} of {self.pipeline_id} ({self.status})"
+        # The pipeline's uuid, not its database id: this is the admin's page title.
+        return f"run {self.pk} of {self.pipeline.uuid} ({self.status})"
 
     @property
     def is_terminal(self) -> bool:
@@ -239,3 +240,34 @@ class RunAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} of run {self.pipeline_run_id} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+class HeartbeatKind(models.TextChoices):
+    CLUSTER = "cluster"
+    SCHEDULER = "scheduler"
+
+
+class Heartbeat(models.Model):
+    """A long-running Millrace process that says it is alive: a worker cluster (`manage.py
+    qcluster`) or a scheduler. A cluster's row names it in the `worker` label of every
+    block run it claims, so that when its heartbeat stops the reconcile pass knows which
+    block runs and tasks it took with it. A clean stop deletes the row."""
+
+    kind = models.CharField(max_length=16, choices=HeartbeatKind.choices)
+    # The cluster's id (in block runs' worker labels), or a scheduler's host:pid.
+    name = models.CharField(max_length=64)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    beat_at = models.DateTimeField()
+    # Set when the process began a clean stop (it drains, then deletes its row).
+    stopping_since = models.DateTimeField(null=True, blank=True)
+    # What the process says about itself: worker count, broker, grace, last tick's counts.
+    info = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["kind", "host", "pid"]
+        constraints = [models.UniqueConstraint(fields=["kind", "name"], name="heartbeat_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} on {self.host} (pid {self.pid})"

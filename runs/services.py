@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
 
 from pipelines import execution
 from pipelines.models import Pipeline
 from runs import orchestrator
-from runs.models import RUN_TERMINAL, BlockRunStatus, PipelineRun, PipelineRunStatus
+from runs.models import (
+    RUN_TERMINAL,
+    BlockRun,
+    BlockRunStatus,
+    Heartbeat,
+    HeartbeatKind,
+    PipelineRun,
+    PipelineRunStatus,
+)
 
 
-def run_execute_sync(run: PipelineRun, *, poll: float = 0.05) -> PipelineRun:
+def run_execute_sync(run: PipelineRun, *, poll: float = 0.05, on_wait: Callable[[str], None] | None = None) -> PipelineRun:
     """Execute a run in this process, block after block (each still in its own child
     process and through the orchestrator), with no worker needed. If the global limit
-    keeps blocks waiting on other runs, it polls until a slot frees."""
+    keeps blocks waiting on other runs, it polls until a slot frees, and tells `on_wait`
+    what it waits for (once, and again whenever the reason changes)."""
     execution.prepare()
     pending: deque[int] = deque(orchestrator.advance(run.pk))
+    told = ""
     while True:
         while pending:
             pending.extend(orchestrator.block_run_execute(pending.popleft(), inline=True))
@@ -32,20 +48,69 @@ def run_execute_sync(run: PipelineRun, *, poll: float = 0.05) -> PipelineRun:
         if orphans:
             pending.extend(orphans)
             continue
+        reason = run_wait_reason(run)
+        if on_wait is not None and reason and reason != told:
+            on_wait(reason)
+        told = reason
         time.sleep(poll)
         pending.extend(orchestrator.advance(run.pk))
 
 
-def run_wait(run: PipelineRun, *, timeout: float | None = None, poll: float = 0.05) -> PipelineRun:
-    """Wait until the workers finish the run (or `timeout` seconds pass)."""
+def run_wait_reason(run: PipelineRun) -> str:
+    """Why a run that has not finished has nothing to execute right now, in a sentence
+    (empty when it is not waiting)."""
+    if run.waiting_for_run_slot:
+        limit = run.pipeline.pipeline_run_limit
+        others = list(PipelineRun.objects.filter(pipeline_id=run.pipeline_id, status=PipelineRunStatus.RUNNING).values_list("id", flat=True)[:10])
+        return f"waiting for a run slot: its pipeline's pipeline_run_limit ({limit}) is taken by run(s) {_ids(others)}"
+    if run.waiting_for_slot:
+        holders = BlockRun.objects.filter(status__in=[BlockRunStatus.QUEUED, BlockRunStatus.RUNNING]).exclude(pipeline_run=run)
+        runs = sorted(set(holders.values_list("pipeline_run_id", flat=True)[:1000]))
+        queued = holders.filter(status=BlockRunStatus.QUEUED).count()
+        return (
+            f"waiting for a slot: the {settings.MILLRACE_CONCURRENCY} block runs allowed at once (MILLRACE_CONCURRENCY) "
+            f"are taken by run(s) {_ids(runs)}, {queued} of them queued for a worker; "
+            "if no worker runs (manage.py qcluster), they wait until one does or until they are cancelled"
+        )
+    retry = run.block_runs.filter(status=BlockRunStatus.INITIAL, next_retry_at__isnull=False).order_by("next_retry_at").first()
+    if retry is not None:
+        return f"waiting to retry block {retry.block_uuid} at {retry.next_retry_at:%H:%M:%S} UTC"
+    return ""
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+
+
+def run_wait(
+    run: PipelineRun, *, timeout: float | None = None, poll: float = 0.05, on_wait: Callable[[str], None] | None = None,
+) -> PipelineRun:
+    """Wait until the workers finish the run (or `timeout` seconds pass), telling
+    `on_wait` when it waits for something other than running blocks: a slot, or a
+    worker cluster when none is alive."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    told, next_look = "", 0.0
     while True:
         run.refresh_from_db()
         if run.status in RUN_TERMINAL:
             return run
         if deadline is not None and time.monotonic() >= deadline:
             return run
+        if on_wait is not None and time.monotonic() >= next_look:
+            next_look = time.monotonic() + 1.0
+            reason = run_wait_reason(run) or _no_worker_reason(run)
+            if reason and reason != told:
+                on_wait(reason)
+            told = reason
         time.sleep(poll)
+
+
+def _no_worker_reason(run: PipelineRun) -> str:
+    if not run.block_runs.filter(status=BlockRunStatus.QUEUED).exists():
+        return ""
+    if Heartbeat.objects.filter(kind=HeartbeatKind.CLUSTER).exists():
+        return ""
+    return "its blocks are queued, and no worker cluster is running: start one (manage.py qcluster), or run with --sync"
 
 
 def run_summary(run: PipelineRun) -> list[dict[str, Any]]:
@@ -121,3 +186,26 @@ def pipeline_cancel_running(pipeline: Pipeline, *, user: Any = None) -> BatchRes
         pipeline=pipeline, status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING],
     ).order_by("created_at", "id").values_list("id", flat=True)
     return runs_cancel(list(ids), user=user)
+
+
+# --- heartbeats of long-running processes (worker clusters, schedulers) ---------------------
+
+def heartbeat_beat(
+    *, kind: str, name: str, started_at: datetime, info: dict[str, Any] | None = None,
+    stopping_since: datetime | None = None,
+) -> None:
+    """Say that the process (`kind`, `name`) is alive now, creating its row if need be
+    (its first beat, or a row the reconcile pass took for dead after a long stall)."""
+    changes: dict[str, Any] = {"beat_at": timezone.now(), "info": info or {}}
+    if stopping_since is not None:
+        changes["stopping_since"] = stopping_since
+    if not Heartbeat.objects.filter(kind=kind, name=name).update(**changes):
+        Heartbeat.objects.update_or_create(
+            kind=kind, name=name,
+            defaults={"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at, **changes},
+        )
+
+
+def heartbeat_end(*, kind: str, name: str) -> None:
+    """The process stopped cleanly: it leaves nothing for the reconcile pass to take back."""
+    Heartbeat.objects.filter(kind=kind, name=name).delete()

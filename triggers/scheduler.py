@@ -15,6 +15,7 @@ import fcntl
 import functools
 import logging
 import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -30,7 +31,8 @@ from django.utils import timezone
 
 from pipelines.selectors import pipeline_definition
 from runs import orchestrator
-from runs.models import PipelineRun, PipelineRunStatus, RunType
+from runs.models import HeartbeatKind, PipelineRun, PipelineRunStatus, RunType
+from runs.services import heartbeat_beat, heartbeat_end
 from triggers import schedule, services
 from triggers.models import ScheduleType, Trigger, TriggerStatus
 
@@ -297,26 +299,43 @@ def _has_unfinished_run(trigger: Trigger) -> bool:
 def run_loop(*, interval: float = 5.0, ticks: int = 0, should_stop: Callable[[], bool] = lambda: False) -> int:
     """Call `tick()` every `interval` seconds until `should_stop()` (checked between
     ticks and while sleeping) or `ticks` ticks (0: no limit). A failing tick is logged
-    and the loop goes on. Returns the number of ticks made."""
+    and the loop goes on. After each tick the scheduler's heartbeat says when it last
+    ticked (`manage.py health` reads it); a clean stop removes it. Returns the number of
+    ticks made."""
     done = 0
-    while not should_stop():
-        started = time.monotonic()
-        # A long-lived process outlives connections (a database restart, CONN_MAX_AGE):
-        # drop a broken or expired one before and after each tick, as a request would.
-        close_old_connections()
-        try:
-            counts = tick()
-            if any(counts.values()):
-                log.info("tick: %s", {key: value for key, value in counts.items() if value})
-        except Exception:  # a bad tick is logged; the loop must keep going
-            log.exception("scheduler tick failed")
-        finally:
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    started_at = timezone.now()
+    try:
+        while not should_stop():
+            started = time.monotonic()
+            # A long-lived process outlives connections (a database restart, CONN_MAX_AGE):
+            # drop a broken or expired one before and after each tick, as a request would.
             close_old_connections()
-        done += 1
-        if ticks and done >= ticks:
-            break
-        _sleep_until(started + interval, should_stop)
+            counts: dict[str, int] = {}
+            try:
+                counts = tick()
+                if any(counts.values()):
+                    log.info("tick: %s", {key: value for key, value in counts.items() if value})
+                _beat(name, started_at, interval, counts)
+            except Exception:  # a bad tick is logged; the loop must keep going
+                log.exception("scheduler tick failed")
+            finally:
+                close_old_connections()
+            done += 1
+            if ticks and done >= ticks:
+                break
+            _sleep_until(started + interval, should_stop)
+    finally:
+        try:
+            heartbeat_end(kind=HeartbeatKind.SCHEDULER, name=name)
+        except Exception:  # the database is gone: the row goes stale, which says as much
+            log.exception("scheduler: its heartbeat could not be removed")
     return done
+
+
+def _beat(name: str, started_at: datetime, interval: float, counts: dict[str, int]) -> None:
+    info = {"interval": interval, "last_tick": {key: value for key, value in counts.items() if value}}
+    heartbeat_beat(kind=HeartbeatKind.SCHEDULER, name=name, started_at=started_at, info=info)
 
 
 def _sleep_until(deadline: float, should_stop: Callable[[], bool]) -> None:

@@ -10,9 +10,19 @@ from typing import Any
 from pipelines import variables
 from pipelines.execution import python
 from pipelines.execution.process import LogSink, Session, Tick, run_in_child, start_server
-from pipelines.execution.spec import FAILED, BlockSpec, ExecutionResult, LogLine, UpstreamInput
+from pipelines.execution.spec import (
+    FAILED,
+    INTERRUPTED,
+    BlockSpec,
+    ExecutionResult,
+    LogLine,
+    UpstreamInput,
+)
 
-__all__ = ["BlockSpec", "ExecutionResult", "LogLine", "UpstreamInput", "run_block", "prepare", "LogSink", "Session", "Tick"]
+__all__ = [
+    "INTERRUPTED", "BlockSpec", "ExecutionResult", "LogLine", "UpstreamInput", "run_block", "prepare", "LogSink",
+    "Session", "Tick",
+]
 
 
 def _dispatch(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) -> ExecutionResult:

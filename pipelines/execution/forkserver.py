@@ -223,7 +223,7 @@ class _Server:
                 _die_with_parent(server_pid)
                 os.setpgid(0, 0)
                 signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGINT):
+                for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, signal.SIG_DFL)
                 self.sock.close()
                 mine.close()
@@ -297,8 +297,11 @@ _PR_SET_PDEATHSIG = 1
 
 def main(argv: list[str]) -> None:
     fd, run_path, own_path = int(argv[1]), argv[2], argv[3]
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    # A stop signal to the worker's process group (systemd, honcho, Ctrl-C) reaches the
+    # server too; the worker decides when its blocks end (runs.cluster), and the server
+    # ends when the worker does (the end of its socket), killing what it forked.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if own_path == "-":
         os.environ.pop("PYTHONPATH", None)
     else:

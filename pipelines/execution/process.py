@@ -14,6 +14,7 @@ never uses the database.
 from __future__ import annotations
 
 import faulthandler
+import io
 import json
 import logging
 import os
@@ -28,16 +29,29 @@ import time
 from collections.abc import Callable
 
 from pipelines.execution.forkserver import ForkServer, ForkServerError, libc_function
-from pipelines.execution.spec import CANCELLED, FAILED, BlockSpec, ExecutionResult, LogLine
+from pipelines.execution.spec import (
+    CANCELLED,
+    FAILED,
+    INTERRUPTED,
+    BlockSpec,
+    ExecutionResult,
+    LogLine,
+)
 
 # Called with new log lines; the caller batches them into its store.
 LogSink = Callable[[list[LogLine]], None]
-# Called every `tick` seconds while the child runs; returning False kills the child
-# (the block run was cancelled or lost its claim).
-Tick = Callable[[], bool]
+# Called every `tick` seconds while the child runs. True: go on. False (the block run
+# was cancelled or lost its claim) or INTERRUPTED (its worker is shutting down): kill
+# the child, and end the block with that status.
+Tick = Callable[[], bool | str]
 
 
 _MAX_LINE = 64 * 1024
+# Past this many lines of stdout and stderr, a block's output is buffered (see
+# `_buffer_output`).
+CHATTY_LINES = 1000
+# How often the output of such a block is flushed to the pipes.
+FLUSH_EVERY = 0.2
 # Heavy libraries a child may import. When a child reports it used one, the fork server
 # imports it too, so that later children find it loaded instead of paying the import
 # (half a second for pandas) each time.
@@ -82,14 +96,71 @@ def server_prepare(run: Callable[..., ExecutionResult]) -> None:
     which become the block's pipes when it comes (the server itself never prints), and
     a crash in C code dumps the Python stack into the block's own stderr (its log). A
     trivial block run warms the caches (compiled regexes, the executor's code paths)."""
-    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    global _stdout, _stderr
+    _stdout = sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    _stderr = sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     faulthandler.enable(file=sys.stderr)
+    signal.signal(signal.SIGURG, _on_sigurg)
+    # Restart system calls the signal interrupts, so that it never lands in the middle of
+    # a write to these same streams (whose handler would then re-enter them).
+    signal.siginterrupt(signal.SIGURG, False)
     # Unpickling a spec imports what its values need: kwargs carry datetimes, and an
     # import in every child would cost more than the rest of a small block.
     import datetime  # noqa: F401
 
     warm_up(run)
+
+
+_stdout: io.TextIOWrapper | None = None
+_stderr: io.TextIOWrapper | None = None
+_buffered = False
+
+
+def _on_sigurg(signum: int, frame: object) -> None:
+    """SIGURG, which the supervisor sends every FLUSH_EVERY seconds once a block has
+    written CHATTY_LINES lines. The first switches the child's stdout and stderr from
+    line buffering to block buffering, the next ones flush them. Line buffering costs
+    a system call per line, which made a block printing 200,000 lines three times
+    slower than printing them to a file; most blocks print far fewer lines and keep it,
+    so each line shows at once with no timer or thread in the child.
+
+    Python may run the handler in the middle of a write to these very streams (when the
+    write system call is interrupted). Then the byte buffer refuses the nested call
+    before it changes anything, and this stream waits for the next signal: flushing
+    the text layer there would drop the text it had taken out to write. SIGURG because
+    its default action is to do nothing: a block that resets it is not killed by it."""
+    global _buffered
+    done = True
+    for stream in (_stdout, _stderr):
+        try:
+            stream.buffer.flush()  # type: ignore[union-attr]
+        except RuntimeError:  # "reentrant call": in the middle of a write
+            done = False
+            continue
+        except (ValueError, OSError, AttributeError):
+            continue  # closed as the block ends
+        try:
+            if _buffered:
+                stream.flush()  # type: ignore[union-attr]
+            else:
+                stream.reconfigure(line_buffering=False)  # type: ignore[union-attr]
+        except (RuntimeError, ValueError, OSError, AttributeError):
+            done = False
+    _buffered = _buffered or done
+
+
+def _limit_memory(megabytes: int | None) -> None:
+    """Cap the data the child may hold (heap and anonymous mappings, RLIMIT_DATA): past
+    it an allocation fails, which Python raises as MemoryError in the block, instead of
+    the machine running out of memory. Mapped files and address space merely reserved
+    do not count."""
+    if not megabytes:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = megabytes * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
 def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) -> None:
@@ -118,13 +189,13 @@ def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) 
                 _set_environ(spec.environ)
             _block_logger.name = f"millrace.block.{spec.block_uuid}"
             _pipe_handler.fd = msg_fd
+            _limit_memory(spec.memory_limit_mb)
             result = run(spec, _block_logger, context)
             result.metrics["peak_memory_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             result.metrics["loaded"] = [m for m in _PRELOADABLE if m in sys.modules]
             payload = json.dumps({"t": "result", "result": result.__dict__}, default=str) + "\n"
             # Output first, result last: once the parent has the result it has everything.
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush_output()
             if spec.keep_alive:
                 _flush_c_stdio()
                 os.write(1, END_MARK)
@@ -140,6 +211,15 @@ def _child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) 
         code = 70
     finally:
         os._exit(code)
+
+
+def _flush_output() -> None:
+    """Flush the block's output streams, ours and whatever the block put in their place."""
+    for stream in {id(s): s for s in (sys.stdout, sys.stderr, _stdout, _stderr) if s is not None}.values():
+        try:
+            stream.flush()
+        except (ValueError, OSError, AttributeError):
+            pass  # a stream the block closed or replaced with something odd
 
 
 # The line a child that runs several blocks writes on its stdout and its stderr after a
@@ -384,6 +464,8 @@ class _Pipes:
         self.levels = {out_r: "INFO", err_r: "WARNING"}
         self.out_r, self.err_r, self.msg_r = out_r, err_r, msg_r
         self.marked: set[int] = set()  # the output pipes whose end-of-block mark came
+        self.lines = 0  # lines of stdout and stderr read so far
+        self.next_flush = 0.0  # when to send the next SIGURG (see `_on_sigurg`)
         for fd in self.buffers:
             os.set_blocking(fd, False)
             self.selector.register(fd, selectors.EVENT_READ)
@@ -428,6 +510,8 @@ def _supervise(
                 if now >= ended_at + _GRACE:
                     break
                 waits.append(ended_at + _GRACE - now)
+            elif pipes.lines > CHATTY_LINES:
+                waits.append(pipes.next_flush - now)
             for key, _mask in selector.select(timeout=max(0.0, min(waits))):
                 fd = key.fd
                 chunk = os.read(fd, 65536)
@@ -448,14 +532,19 @@ def _supervise(
                 on_log(pending)
                 pending = []
             now = time.monotonic()
+            if pipes.lines > CHATTY_LINES and ended_at is None and now >= pipes.next_flush:
+                pipes.next_flush = now + FLUSH_EVERY
+                _signal(pid, signal.SIGURG)
             if deadline is not None and now >= deadline and not killed_because and ended_at is None:
                 killed_because = f"Timed out after {spec.timeout:g} s; the block's processes were killed"
                 _kill_group(pid)
             if now >= next_tick:
                 next_tick = now + tick
-                if on_tick is not None and not killed_because and ended_at is None and not on_tick():
-                    killed_because = "cancelled"
-                    _kill_group(pid)
+                if on_tick is not None and not killed_because and ended_at is None:
+                    verdict = on_tick()
+                    if verdict is not True:
+                        killed_because = INTERRUPTED if verdict == INTERRUPTED else "cancelled"
+                        _kill_group(pid)
     finally:
         if not alive:
             if not session:
@@ -464,6 +553,9 @@ def _supervise(
     duration = time.monotonic() - started
     if killed_because == "cancelled":
         return ExecutionResult(status=CANCELLED, error="Cancelled; the block's processes were killed", metrics={"duration": duration}), False
+    if killed_because == INTERRUPTED:
+        error = "Interrupted: its worker is shutting down; the block's processes were killed"
+        return ExecutionResult(status=INTERRUPTED, error=error, metrics={"duration": duration}), False
     if killed_because:
         return ExecutionResult(status=FAILED, error=killed_because, metrics={"duration": duration}), False
     if result is not None:
@@ -475,12 +567,28 @@ def _split_lines(fd: int, data: bytes, pipes: _Pipes, pending: list) -> bytes:
     """Take the complete lines out of `data`, return the incomplete rest. Output lines
     longer than _MAX_LINE are cut; result and logger messages never are."""
     *lines, rest = data.split(b"\n")
-    if fd != pipes.msg_r and len(rest) > _MAX_LINE:
+    if fd == pipes.msg_r:
+        for line in lines:
+            _take_line(fd, line, pipes, pending)
+        return rest
+    if len(rest) > _MAX_LINE:
         lines.append(rest)
         rest = b""
-    for line in lines:
-        _take_line(fd, line, pipes, pending)
+    _take_output(fd, lines, pipes, pending)
     return rest
+
+
+def _take_output(fd: int, lines: list[bytes], pipes: _Pipes, pending: list) -> None:
+    """Lines of stdout or stderr as log lines. Lines that arrived together share one
+    timestamp: a chatty block's output comes thousands of lines to a read."""
+    pipes.lines += len(lines)
+    now = time.time()
+    level = pipes.levels[fd]
+    for line in lines:
+        if line == _MARK_LINE:
+            pipes.marked.add(fd)
+            continue
+        pending.append(LogLine(now, level, line.decode("utf-8", errors="replace").rstrip("\r")))
 
 
 def _pop_result(pending: list) -> dict | None:
@@ -505,11 +613,14 @@ def _take_line(fd: int, line: bytes, pipes: _Pipes, pending: list) -> None:
         else:
             pending.append(LogLine(message.get("ts", time.time()), message.get("level", "INFO"), message.get("msg", "")))
         return
-    if line == _MARK_LINE:
-        pipes.marked.add(fd)
-        return
-    text = line.decode("utf-8", errors="replace").rstrip("\r")
-    pending.append(LogLine(time.time(), pipes.levels[fd], text))
+    _take_output(fd, [line], pipes, pending)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill_group(pid: int) -> None:

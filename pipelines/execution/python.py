@@ -106,11 +106,29 @@ def _call(function: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
             f"nothing is passed for: {missing}"
         )
     if keywords is None:
+        clash = next((p for p in positional[: len(args)] if p in kwargs), None)
+        if clash is not None:
+            raise BlockError(_clash_message(what, name, clash, positional.index(clash)))
         call_kwargs = kwargs
     else:
         taken = keywords - set(positional[: len(args)])
         call_kwargs = {k: v for k, v in kwargs.items() if k in taken}
     return function(*args, **call_kwargs)
+
+
+# What every block receives by keyword, besides the runtime variables.
+_BUILT_IN_KWARGS = frozenset({
+    "execution_date", "ds", "hr", "event", "pipeline_uuid", "block_uuid", "pipeline_run_id", "retry",
+    "logger", "context", "configuration", "status",
+})
+
+
+def _clash_message(what: str, function: str, name: str, index: int) -> str:
+    kind = "the keyword argument" if name in _BUILT_IN_KWARGS else "the runtime variable"
+    return (
+        f"{what} {function}() receives the output of its upstream block #{index + 1} as its parameter {name!r}, "
+        f"and {kind} {name!r} has the same name: rename the {'parameter' if name in _BUILT_IN_KWARGS else 'variable or the parameter'}"
+    )
 
 
 _CO_VARARGS = 0x04
@@ -225,6 +243,9 @@ def execute(spec: BlockSpec, logger: logging.Logger, context: dict[str, Any]) ->
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, SystemExit included
         if isinstance(exc, BlockError | variables.VariableError):
             message, trace = str(exc), ""
+        elif isinstance(exc, MemoryError) and spec.memory_limit_mb:
+            message = f"The block used more than {spec.memory_limit_mb:,} MB of memory (MILLRACE_BLOCK_MEMORY_MB): {type(exc).__name__}: {exc}"
+            trace = user_traceback(exc, filename)
         else:
             message = f"{type(exc).__name__}: {exc}"
             trace = user_traceback(exc, filename)

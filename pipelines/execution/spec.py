@@ -10,6 +10,9 @@ COMPLETED = "completed"
 FAILED = "failed"
 CONDITION_FAILED = "condition_failed"
 CANCELLED = "cancelled"
+# The block was stopped because its worker is shutting down: not a failure of the
+# block, which the orchestrator hands back to run again.
+INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -46,9 +49,11 @@ class BlockSpec:
     # Mage's cache_block_output_in_memory, in a run in one process: outputs stay in the
     # process's memory for the blocks below, even those the store cannot write.
     outputs_in_memory: bool = False
+    # The most memory (MB) the block's process may hold (RLIMIT_DATA); None: no limit.
+    memory_limit_mb: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class LogLine:
     timestamp: float
     level: str

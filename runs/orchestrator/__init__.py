@@ -32,12 +32,12 @@ from runs.orchestrator.operations import (
     run_retry,
     run_stop,
 )
-from runs.orchestrator.reconcile import reconcile
+from runs.orchestrator.reconcile import cluster_recover, reconcile
 from runs.orchestrator.retries import retries_due, retry_delay, retry_policy, wake_waiting_runs
 from runs.orchestrator.sql import worker_label
 
 __all__ = [
-    "ActionRefused", "RETRY_MODES", "advance", "block_run_cancel", "block_run_execute", "dispatch",
+    "ActionRefused", "RETRY_MODES", "advance", "block_run_cancel", "block_run_execute", "cluster_recover", "dispatch",
     "enforce_deadlines", "reconcile", "retries_due", "retry_delay", "retry_policy", "run_cancel", "run_create",
     "run_retry", "run_stop", "runs_start", "start_waiting_runs", "wake_waiting_runs", "worker_label",
 ]

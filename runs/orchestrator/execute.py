@@ -4,23 +4,24 @@ result and advance its run in one transaction."""
 from __future__ import annotations
 
 import logging
-import time
 import uuid as uuidlib
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
 from pipelines.execution import (
+    INTERRUPTED,
     BlockSpec,
     ExecutionResult,
-    LogLine,
     Session,
     UpstreamInput,
     run_block,
 )
 from pipelines.selectors import BlockDefinition, PipelineDefinition, pipeline_definition
+from runs import stopping
 from runs.models import (
     BLOCK_TERMINAL,
     BlockRun,
@@ -28,14 +29,14 @@ from runs.models import (
     LogEntry,
     PipelineRun,
 )
-from runs.orchestrator.advance import _advance, _Claimed
-from runs.orchestrator.retries import _record_retry, _retry_at
+from runs.orchestrator.advance import _advance, _Claimed, dispatch
+from runs.orchestrator.logs import LogWriter, output_prefix
+from runs.orchestrator.retries import _record_interrupted, _record_retry, _retry_at
 from runs.orchestrator.salvage import block_run_fail
 from runs.orchestrator.sql import (
     _ChainClaim,
     _claim,
     _lock_run_row,
-    _log_row,
     _record_result,
     _record_result_and_read,
 )
@@ -45,7 +46,12 @@ S = BlockRunStatus
 log = logging.getLogger("millrace.worker")
 
 
-def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
+# Told about each attempt that ended: the block run (its uuid, run and attempt) and the
+# result as recorded (the worker logs a line per block run).
+Report = Callable[[BlockRun, ExecutionResult], None]
+
+
+def block_run_execute(block_run_id: int, *, inline: bool = False, report: Report | None = None) -> list[int]:
     """Claim a queued block run, run it in a child process, record the result, and advance
     its run. Returns the block runs that the advance queued (not yet dispatched). A block
     run that is not `queued` any more (run twice by a redelivered task, or cancelled) is
@@ -57,7 +63,10 @@ def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
 
     A run of a pipeline with `run_pipeline_in_one_process` has one block active at a
     time (`advance` sees to it), so with `inline` all its blocks come here one after
-    another, and they run in one child process (a `Session`), sharing its memory."""
+    another, and they run in one child process (a `Session`), sharing its memory.
+
+    While the worker's cluster is stopping (`runs.stopping`) no next block is claimed:
+    it goes through the broker to a worker that is not stopping."""
     claim = uuidlib.uuid4().hex
     if not _claim(block_run_id, claim, timezone.now()):
         return []
@@ -70,11 +79,14 @@ def block_run_execute(block_run_id: int, *, inline: bool = False) -> list[int]:
         while True:
             result, logs = _execute(block_run, claim, definition, upstream_outputs, session)
             try:
-                queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline)
+                queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline and not stopping.requested())
             except Exception as exc:  # a row the normal path cannot write: fail it, go on
                 log.exception("block run %s: its result could not be recorded", block_run.pk)
                 block_run_fail(block_run.pk, f"its result could not be recorded: {type(exc).__name__}: {exc}", claim=claim)
-                return []
+                result = ExecutionResult(status=S.FAILED, error=str(exc), metrics=result.metrics)
+                queued, claimed = [], None
+            if report is not None:
+                report(block_run, result)
             if claimed is None:
                 return queued
             block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
@@ -105,10 +117,10 @@ def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict
 def _execute(
     block_run: BlockRun, claim: str, definition: PipelineDefinition, upstream_outputs: dict[str, list[dict]] | None,
     session: Session | None = None,
-) -> tuple[ExecutionResult, _LogWriter]:
+) -> tuple[ExecutionResult, LogWriter]:
     """Run a claimed block run's code. Returns the result and the log lines not written
     yet (`_finish` writes them with the result, if the attempt still holds its claim)."""
-    logs = _LogWriter(block_run, claim)
+    logs = LogWriter(block_run, claim)
     block = definition.blocks.get(block_run.block_uuid)
     if block is None:
         error = f"Block {block_run.block_uuid} no longer exists in pipeline {block_run.pipeline_run.pipeline.uuid}"
@@ -152,66 +164,11 @@ def _spec(block_run: BlockRun, block: BlockDefinition, outputs: dict[str, list[d
         configuration=block.configuration or {},
         inputs=[UpstreamInput(u, outputs.get(u) or []) for u in block.upstreams],
         kwargs=kwargs,
-        output_prefix=f"pipeline_runs/{run.pk}/{block.uuid}/{block_run.claim}",
+        output_prefix=output_prefix(run.pk, block.uuid, block_run.claim),
         timeout=block.timeout,
+        memory_limit_mb=settings.MILLRACE_BLOCK_MEMORY_MB or None,
         outputs_in_memory=run.pipeline.run_pipeline_in_one_process and run.pipeline.cache_block_output_in_memory,
     )
-
-
-class _LogWriter:
-    """Collects a running attempt's log lines and writes them in batches, each batch in
-    one transaction with a heartbeat that succeeds only while the attempt holds its
-    claim: once a block run is cancelled or taken over, its old attempt writes nothing
-    more, not even a log line."""
-
-    BATCH = 500
-    EVERY = 0.5  # seconds
-
-    def __init__(self, block_run: BlockRun, claim: str):
-        self.block_run = block_run
-        self.claim = claim
-        self.code_hash = ""
-        self.lines: list[LogLine] = []
-        self.last = time.monotonic()
-        self.fenced = False
-
-    def add(self, lines: list[LogLine]) -> None:
-        self.lines.extend(lines)
-        if len(self.lines) >= self.BATCH or time.monotonic() - self.last >= self.EVERY:
-            self.heartbeat()
-
-    def heartbeat(self) -> bool:
-        """Record a heartbeat and write the waiting lines; False once the claim is lost
-        (the caller then kills the block)."""
-        self.last = time.monotonic()
-        if self.fenced:
-            return False
-        with transaction.atomic():
-            if self.lines:
-                # Log rows reference the run, and PostgreSQL checks that at commit with a
-                # share lock on the run's row: taken first, in the order a cancel takes
-                # its locks (the run, then its block runs), or the two could deadlock.
-                _lock_run_row(self.block_run.pipeline_run_id, share=True)
-            alive = BlockRun.objects.filter(pk=self.block_run.pk, claim=self.claim, status=S.RUNNING).update(
-                heartbeat_at=timezone.now()
-            )
-            if alive:
-                self.write()
-        if not alive:
-            self.fenced, self.lines = True, []
-        return bool(alive)
-
-    def write(self) -> None:
-        """Write the waiting lines; the caller has checked the claim in this transaction."""
-        if not self.lines:
-            return
-        br = self.block_run
-        rows = [
-            _log_row(br.pipeline_run_id, br.pk, datetime.fromtimestamp(line.timestamp, tz=UTC), line.level, line.message, br.block_uuid, br.block_type, br.attempt)
-            for line in self.lines
-        ]
-        self.lines = []
-        LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
 
 
 def _chain_claim(run: PipelineRun, block_uuid: str) -> _ChainClaim | None:
@@ -224,14 +181,19 @@ def _chain_claim(run: PipelineRun, block_uuid: str) -> _ChainClaim | None:
 
 
 def _finish(
-    block_run: BlockRun, claim: str, result: ExecutionResult, *, logs: _LogWriter | None = None, claim_next: bool = False,
+    block_run: BlockRun, claim: str, result: ExecutionResult, *, logs: LogWriter | None = None, claim_next: bool = False,
 ) -> tuple[list[int], _Claimed | None]:
     """Record the result (and the hash of the code that ran) if this attempt still holds
     the claim, then advance the run in the same transaction. A failed attempt with
     retries left goes back to `initial` with the time of its next attempt instead.
     Returns the block runs the advance queued and, with `claim_next` and exactly one
-    block ready, that one already claimed for the caller to run."""
+    block ready, that one already claimed for the caller to run. An attempt that its
+    worker's shutdown interrupted is handed back instead (`_hand_back`)."""
     now = timezone.now()
+    if logs is not None:
+        logs.close(result)
+    if result.status == INTERRUPTED:
+        return _hand_back(block_run, claim, result, logs, now), None
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
     retry_at = _retry_at(block_run, now) if status == S.FAILED else None
     # The run as the caller holds it (with its pipeline), if it does: then only what can
@@ -271,3 +233,24 @@ def _finish(
             run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "",
             known=known, read=read,
         )
+
+
+def _hand_back(block_run: BlockRun, claim: str, result: ExecutionResult, logs: LogWriter | None, now: datetime) -> list[int]:
+    """Queue a block run whose attempt was stopped by its worker's shutdown again at
+    once, for a worker that is not stopping; the attempt is kept in `attempts` as
+    `interrupted` and not counted against the block's retries. Returns nothing to
+    dispatch: the task is sent here, after the commit."""
+    with transaction.atomic():
+        _lock_run_row(block_run.pipeline_run_id)
+        if not _record_interrupted(block_run, claim, result, now):
+            return []
+        if logs is not None:
+            logs.write()
+        LogEntry.objects.create(
+            pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="WARNING",
+            message=f"Block {block_run.block_uuid} interrupted (attempt {block_run.attempt}): its worker is shutting down; "
+            "it is queued again and the attempt does not count against its retries",
+            block_uuid=block_run.block_uuid, block_type=block_run.block_type, attempt=block_run.attempt,
+        )
+        dispatch([block_run.pk])
+    return []

@@ -5,17 +5,21 @@ handled is failed on the spot (`salvage`) and the pass goes on with the others."
 
 from __future__ import annotations
 
+import socket
 from datetime import datetime, timedelta
 
+import psutil
 from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from pipelines.execution import ExecutionResult
+from pipelines.execution import INTERRUPTED, ExecutionResult
 from runs.models import (
     BLOCK_ACTIVE,
     BlockRun,
     BlockRunStatus,
+    Heartbeat,
+    HeartbeatKind,
     PipelineRun,
     PipelineRunStatus,
 )
@@ -36,7 +40,16 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     Returns counts of what it did."""
     now = now or timezone.now()
     limit = timedelta(seconds=settings.MILLRACE_HEARTBEAT_LIMIT)
-    done = {"failed": 0, "requeued": 0, "retried": 0, "advanced": 0}
+    done = {"failed": 0, "requeued": 0, "retried": 0, "advanced": 0, "clusters_lost": 0}
+    for cluster in dead_clusters(now):
+        failed, requeued = cluster_recover(
+            cluster.name, before=cluster.beat_at, now=now,
+            reason=f"The worker cluster {cluster.name} on {cluster.host} (pid {cluster.pid}) stopped heartbeating "
+            f"(last sign of life {cluster.beat_at:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead",
+        )
+        done["failed"] += failed
+        done["requeued"] += requeued
+        done["clusters_lost"] += 1
     stale = Q(heartbeat_at__lt=now - limit) | Q(heartbeat_at__isnull=True, started_at__lt=now - limit)
     # Ids first, each row read in its own savepoint: a row whose columns cannot be read
     # must not stop the others.
@@ -66,14 +79,15 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     return done
 
 
-def _fail_block_run(pk: int, error: str) -> int:
-    """Fail (or retry) a running block run whose worker is gone; 1 if it was."""
+def _fail_block_run(pk: int, error: str, status: str = S.FAILED) -> int:
+    """Fail (or retry) a running block run whose worker is gone, or with status
+    INTERRUPTED hand it back; 1 if it was."""
 
     def fail() -> int:
         br = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=pk)
         if br.status != S.RUNNING:
             return 0
-        dispatch(_finish(br, br.claim, ExecutionResult(status=S.FAILED, error=error))[0])
+        dispatch(_finish(br, br.claim, ExecutionResult(status=status, error=error))[0])
         return 1
 
     result = isolated(f"reconcile: block run {pk}", fail, lambda why: block_run_fail(pk, f"{error}; then {why}"))
@@ -88,3 +102,47 @@ def requeue(block_run_ids: list[int], now: datetime) -> int:
     BlockRun.objects.filter(id__in=block_run_ids, status=S.QUEUED).update(queued_at=now)
     dispatch(block_run_ids)
     return len(block_run_ids)
+
+
+def dead_clusters(now: datetime) -> list[Heartbeat]:
+    """The worker clusters that are gone: their heartbeat is older than
+    MILLRACE_CLUSTER_HEARTBEAT_LIMIT, or (on this host, without waiting for that) their
+    main process no longer runs."""
+    limit = now - timedelta(seconds=settings.MILLRACE_CLUSTER_HEARTBEAT_LIMIT)
+    host = socket.gethostname()
+    gone = []
+    for cluster in Heartbeat.objects.filter(kind=HeartbeatKind.CLUSTER):
+        local = cluster.host == host
+        if (local and not _runs(cluster.pid, cluster.started_at)) or (not local and cluster.beat_at < limit):
+            gone.append(cluster)
+        elif local and cluster.beat_at < limit:
+            # Alive on this host but silent (its database writes wait on a lock, say):
+            # its blocks are alive too, so nothing is taken from it.
+            continue
+    return gone
+
+
+def _runs(pid: int, started_at: datetime) -> bool:
+    """Whether the process `pid` that started at `started_at` still runs (not another
+    process that was given the same pid since)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= started_at.timestamp() + 1
+    except psutil.Error:
+        return False
+
+
+def cluster_recover(name: str, *, reason: str, before: datetime, now: datetime, interrupted: bool = False) -> tuple[int, int]:
+    """Take back the work of worker cluster `name`, which is gone: its running block runs
+    are failed (or retried, as for any dead worker), or with `interrupted` (its own
+    forced stop) handed back without counting against their retries; block runs queued
+    before `before` are sent again, since it may have taken their tasks from the broker
+    and lost them (a task that was not lost is harmless: its second claim fails). Then
+    its heartbeat row goes. Returns (block runs failed or handed back, requeued)."""
+    running = BlockRun.objects.filter(status=S.RUNNING, worker__endswith=f"@{name}").values_list("id", flat=True)
+    status = INTERRUPTED if interrupted else S.FAILED
+    failed = sum(_fail_block_run(pk, reason, status) for pk in list(running))
+    queued = list(BlockRun.objects.filter(status=S.QUEUED, queued_at__lt=before).values_list("id", flat=True))
+    requeued = requeue(queued, now)
+    Heartbeat.objects.filter(kind=HeartbeatKind.CLUSTER, name=name).delete()
+    return failed, requeued

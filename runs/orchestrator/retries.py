@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from django.db.models import F
 from django.utils import timezone
 
-from pipelines.execution import ExecutionResult
+from pipelines.execution import INTERRUPTED, ExecutionResult
 from pipelines.selectors import pipeline_definition
 from runs.models import (
     BlockRun,
@@ -67,23 +68,44 @@ def _retry_at(block_run: BlockRun, now: datetime) -> datetime | None:
     return now + timedelta(seconds=wait)
 
 
-def _record_retry(block_run: BlockRun, claim: str, result: ExecutionResult, retry_at: datetime, now: datetime) -> bool:
-    """Put a failed attempt aside (in `attempts`) and send the block run back to
-    `initial` until `retry_at`, if the attempt still holds its claim."""
+def _attempt_entry(current: dict, ended_as: str, result: ExecutionResult, now: datetime) -> dict:
+    """An attempt as `BlockRun.attempts` keeps it, from the row's current values."""
+    return {
+        "attempt": current["attempt"], "status": ended_as, "error": result.error[:10000], "traceback": result.traceback,
+        "started_at": current["started_at"].isoformat() if current["started_at"] else None,
+        "completed_at": now.isoformat(), "worker": current["worker"],
+    }
+
+
+def _put_aside(block_run: BlockRun, claim: str, ended_as: str, result: ExecutionResult, now: datetime, **changes: object) -> bool:
+    """Move the attempt that holds `claim` into `attempts` (as `ended_as`) and apply
+    `changes` to the block run, if the attempt still holds its claim (fencing)."""
     current = BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).values(
         "attempt", "attempts", "started_at", "worker"
     ).first()
     if current is None:
         return False
-    history = list(current["attempts"] or []) + [{
-        "attempt": current["attempt"], "status": S.FAILED, "error": result.error[:10000], "traceback": result.traceback,
-        "started_at": current["started_at"].isoformat() if current["started_at"] else None,
-        "completed_at": now.isoformat(), "worker": current["worker"],
-    }]
+    history = list(current["attempts"] or []) + [_attempt_entry(current, ended_as, result, now)]
     return bool(BlockRun.objects.filter(pk=block_run.pk, claim=claim, status=S.RUNNING).update(
-        status=S.INITIAL, claim="", next_retry_at=retry_at, attempts=history, error=result.error[:10000],
-        traceback=result.traceback, metrics=result.metrics, completed_at=None, updated_at=now,
+        claim="", attempts=history, error=result.error[:10000], traceback=result.traceback,
+        metrics=result.metrics, completed_at=None, updated_at=now, **changes,
     ))
+
+
+def _record_retry(block_run: BlockRun, claim: str, result: ExecutionResult, retry_at: datetime, now: datetime) -> bool:
+    """Put a failed attempt aside (in `attempts`) and send the block run back to
+    `initial` until `retry_at`, if the attempt still holds its claim."""
+    return _put_aside(block_run, claim, S.FAILED, result, now, status=S.INITIAL, next_retry_at=retry_at)
+
+
+def _record_interrupted(block_run: BlockRun, claim: str, result: ExecutionResult, now: datetime) -> bool:
+    """Put an attempt that its worker's shutdown interrupted aside and queue the block
+    run again at once, without charging the attempt against its retries (the count of
+    automatic retries starts after `attempt_base`)."""
+    return _put_aside(
+        block_run, claim, INTERRUPTED, result, now,
+        status=S.QUEUED, queued_at=now, next_retry_at=None, attempt_base=F("attempt_base") + 1,
+    )
 
 
 def retries_due(now: datetime | None = None) -> list[int]:

@@ -29,9 +29,22 @@ from runs.models import (
 S = BlockRunStatus
 
 
+# The environment variable that names the worker cluster a process belongs to (set by
+# `manage.py qcluster` before it starts its processes).
+CLUSTER_ENV = "MILLRACE_CLUSTER"
+
+_label: tuple[int, str] | None = None  # (pid, label): computed once per process
+
+
 def worker_label() -> str:
-    """Who runs a block run: host and process, stored with its claim."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who runs a block run, stored with its claim: host and process, and `@cluster`
+    when the process belongs to a worker cluster (see `runs.cluster`)."""
+    global _label
+    pid = os.getpid()
+    if _label is None or _label[0] != pid:
+        cluster = os.environ.get(CLUSTER_ENV)
+        _label = (pid, f"{socket.gethostname()}:{pid}" + (f"@{cluster}" if cluster else ""))
+    return _label[1]
 
 
 _BR = BlockRun._meta.db_table

@@ -16,7 +16,8 @@ from pipelines.execution import ExecutionResult, LogLine
 from runs import orchestrator
 from runs.models import BlockRun, LogEntry, PipelineRun
 from runs.orchestrator import operations
-from runs.orchestrator.execute import _finish, _LogWriter
+from runs.orchestrator.execute import _finish
+from runs.orchestrator.logs import LogWriter as _LogWriter
 from tests.helpers import chain
 
 pytestmark = [
