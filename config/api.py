@@ -9,6 +9,11 @@ Every error the API answers has one shape, whatever raised it:
 
 `fields` is present on validation errors only; `message` is always a readable sentence.
 
+Request bodies are read by `StrictJSONParser` (jsonsafe's rules: a value either
+database cannot store is a 400 naming where it is) and answers written by
+`SafeJSONRenderer` (a value stored before those rules, that JSON cannot carry, is sent
+escaped instead of failing the whole answer).
+
 DRF loads this module while `rest_framework.generics` is still loading (it is the default
 pagination class), so nothing here may touch DRF's or drf-spectacular's view machinery at
 import time: no view classes, no `extend_schema` on a class.
@@ -18,9 +23,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import IO, Any
 
+from django.conf import settings
 from django.core.exceptions import NON_FIELD_ERRORS, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -29,10 +36,12 @@ from django.views import defaults
 from drf_spectacular.utils import extend_schema_serializer, inline_serializer
 from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.parsers import JSONParser
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import exception_handler as drf_exception_handler
-from rest_framework.views import set_rollback
+
+from config.common import jsonsafe
 
 log = logging.getLogger("millrace.api")
 
@@ -94,8 +103,17 @@ def validation_fields(exc: DjangoValidationError) -> tuple[dict[str, list[str]],
     return {}, list(exc.messages)
 
 
+def _drf_views() -> Any:
+    # Imported when first needed, not with this module: the first import of
+    # rest_framework.views loads DEFAULT_RENDERER_CLASSES and DEFAULT_PARSER_CLASSES,
+    # which are classes of this module.
+    from rest_framework import views
+
+    return views
+
+
 def _validation_response(fields: Mapping[str, Any], loose: list[str]) -> Response:
-    set_rollback()
+    _drf_views().set_rollback()
     return Response(error_body(400, "invalid", _summary(fields, loose), fields), status=400)
 
 
@@ -111,11 +129,11 @@ def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response:
             return _validation_response(detail, [])
         return _validation_response({}, _flatten(detail))
     exc = _as_api_exception(exc)
-    response = drf_exception_handler(exc, context)
+    response = _drf_views().exception_handler(exc, context)
     if response is None or not isinstance(exc, exceptions.APIException):
         view = context.get("view")
         log.error("unhandled error in %s", type(view).__name__ if view else "an API view", exc_info=exc)
-        set_rollback()
+        _drf_views().set_rollback()
         return Response(error_body(500, "server_error", "Internal server error."), status=500)
     codes = exc.get_codes()
     response.data = error_body(
@@ -151,6 +169,75 @@ def json_server_error(request: HttpRequest) -> HttpResponse:
     if request.path.startswith("/api/"):
         return JsonResponse(error_body(500, "server_error", "Internal server error."), status=500)
     return defaults.server_error(request)
+
+
+# --- reading and writing JSON ---------------------------------------------------------------
+
+def json_body_error(exc: jsonsafe.JSONValueError) -> exceptions.APIException:
+    """The answer to a body jsonsafe refused: a 400 naming the value's path in the body
+    (`pipeline_run.variables.ratio`) when it has one, else a 400 parse error about the
+    body as a whole (not JSON, not UTF-8, nested beyond any limit)."""
+    if exc.path:
+        return exceptions.ValidationError({exc.path: [str(exc)]})
+    return exceptions.ParseError(f"The request body {exc.problem}.")
+
+
+class StrictJSONParser(JSONParser):
+    """DRF's JSON parser with jsonsafe's rules: NaN, Infinity, 1e999, NUL characters,
+    lone surrogates, integers beyond 64 bits and nesting deeper than 64 levels are
+    refused before any view sees them; a body over 1 MiB is a 413."""
+
+    def parse(self, stream: IO[bytes] | None, media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
+        raw = stream.read(jsonsafe.MAX_BYTES + 1) if stream is not None else b""
+        if len(raw) > jsonsafe.MAX_BYTES:
+            raise PayloadTooLarge(f"The request body may be at most {jsonsafe.MAX_BYTES:,} bytes.")
+        data: str | bytes = raw
+        encoding = ((parser_context or {}).get("encoding") or settings.DEFAULT_CHARSET).lower()
+        if encoding.replace("-", "") != "utf8":
+            # JSON is UTF-8 (RFC 8259); a client that says otherwise is taken at its word.
+            try:
+                data = raw.decode(encoding)
+            except (LookupError, UnicodeDecodeError) as exc:
+                raise exceptions.ParseError(f"The request body is not {encoding} text: {exc}") from None
+        try:
+            return jsonsafe.loads(data)
+        except jsonsafe.JSONValueError as exc:
+            raise json_body_error(exc) from None
+
+
+_FLOAT_TEXT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _escaped(value: Any, depth: int = 0) -> Any:
+    """`value` with what JSON cannot carry made into text: NaN and infinities as "NaN"
+    and "Infinity", lone surrogates as `\\ud800` escapes, anything nested deeper than
+    jsonsafe allows as a note. Bounded recursion (MAX_DEPTH levels)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return _FLOAT_TEXT[str(value)]
+    if isinstance(value, Mapping | list | tuple) and depth >= jsonsafe.MAX_DEPTH:
+        return f"(nested more than {jsonsafe.MAX_DEPTH} levels deep: not shown)"
+    if isinstance(value, Mapping):
+        return {_escaped(str(k)): _escaped(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v, depth + 1) for v in value]
+    return value
+
+
+class SafeJSONRenderer(JSONRenderer):
+    """DRF's JSON renderer. When the data holds a value JSON cannot carry (stored
+    before jsonsafe refused such values, or written straight into the database), the
+    data is rendered again with those values escaped, so one bad row never fails a
+    whole list. The normal path costs nothing more than DRF's."""
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Mapping[str, Any] | None = None) -> bytes:
+        try:
+            return super().render(data, accepted_media_type, renderer_context)
+        except (ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+            view = (renderer_context or {}).get("view")
+            log.warning("%s: rendered with escaped values (%s)", type(view).__name__ if view else "an API answer", exc)
+            return super().render(_escaped(data), accepted_media_type, renderer_context)
 
 
 # --- envelopes and pagination ----------------------------------------------------------------

@@ -197,9 +197,11 @@ REST_FRAMEWORK = {
     ],
     # Reading needs a login or a token; writing needs an editor (config/permissions.py).
     "DEFAULT_PERMISSION_CLASSES": ["config.permissions.CanEdit"],
-    # JSON only: no browsable HTML, so every answer (errors included) is JSON.
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # JSON only: no browsable HTML, so every answer (errors included) is JSON. Bodies
+    # are parsed with config.common.jsonsafe's rules; a stored value JSON cannot carry
+    # is rendered escaped rather than failing the answer (config/api.py).
+    "DEFAULT_RENDERER_CLASSES": ["config.api.SafeJSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["config.api.StrictJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "config.api.MagePagination",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",

@@ -4,9 +4,12 @@ API and the import do."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.contrib import admin
+from django.db import models
 from django.db.models import Count, Prefetch, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
@@ -40,6 +43,65 @@ def _edge_delete(edge: BlockEdge) -> None:
 def _upstream_list(block: Block) -> str:
     # Reads the prefetched edges; `.all()` keeps the prefetch's ordering.
     return ", ".join(edge.upstream.uuid for edge in block.upstream_edges.all()) or "-"
+
+
+def json_text(value: Any) -> str:
+    """A JSON value as indented text for a page, whatever was stored: NaN shows as
+    NaN, and a lone surrogate (stored before config.common.jsonsafe refused them; no
+    page can be encoded with one) as its `\\ud800` escape."""
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, indent=2, sort_keys=True, default=str)
+    return text
+
+
+def json_pre(value: Any) -> str:
+    if value in (None, {}, [], ""):
+        return "-"
+    return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', json_text(value))
+
+
+_SHOWN = "_shown"
+
+
+class SafeJSONReadOnly:
+    """Django shows a JSON field of a read-only change page (a viewer's, a backfill's)
+    with `json.dumps(ensure_ascii=False)`, and a lone surrogate stored before jsonsafe
+    existed then fails the whole page. On such a page each JSON field is shown by
+    `json_pre` instead, under its own label (`<name>_shown` in the fieldsets)."""
+
+    model: type[models.Model]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)  # type: ignore[misc]
+        if obj is None or self.has_change_permission(request, obj):  # type: ignore[attr-defined]
+            return fieldsets
+        names = _json_field_names(self.model)
+        return [(title, {**options, "fields": _swap(options["fields"], names)}) for title, options in fieldsets]
+
+    def __getattr__(self, name: str) -> Callable[[Any], str]:
+        base = name.removesuffix(_SHOWN)
+        if base != name and base in _json_field_names(self.model):
+            def shown(obj: Any) -> str:
+                return json_pre(getattr(obj, base))
+
+            shown.short_description = self.model._meta.get_field(base).verbose_name  # type: ignore[attr-defined]
+            return shown
+        raise AttributeError(name)
+
+
+def _json_field_names(model: type[models.Model]) -> frozenset[str]:
+    return frozenset(f.name for f in model._meta.concrete_fields if isinstance(f, models.JSONField))
+
+
+def _swap(fields: Sequence[Any], names: frozenset[str]) -> list[Any]:
+    return [
+        f"{f}{_SHOWN}" if isinstance(f, str) and f in names
+        else _swap(f, names) if isinstance(f, list | tuple) else f
+        for f in fields
+    ]
 
 
 class ViewOnly:
@@ -80,7 +142,7 @@ class BlockInline(ViewOnly, admin.TabularInline):
 
 
 @admin.register(Pipeline)
-class PipelineAdmin(admin.ModelAdmin):
+class PipelineAdmin(SafeJSONReadOnly, admin.ModelAdmin):
     form = PipelineAdminForm
     list_display = ("uuid", "name", "type", "block_count", "updated_at")
     list_filter = ("type",)
@@ -129,7 +191,7 @@ class PipelineAdmin(admin.ModelAdmin):
 
 
 @admin.register(Block)
-class BlockAdmin(admin.ModelAdmin):
+class BlockAdmin(SafeJSONReadOnly, admin.ModelAdmin):
     form = BlockAdminForm
     list_display = ("uuid", "pipeline", "type", "language", "position", "upstream_list", "updated_at")
     list_filter = ("type", "language", "pipeline")

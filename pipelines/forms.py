@@ -3,14 +3,17 @@ form error and a refused save can never disagree; `save_with_service` does the w
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
 
 from django import forms
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
+from django.forms.fields import InvalidJSONInput, JSONString
 
+from config.common import jsonsafe
 from pipelines import services
 from pipelines.models import Block, BlockEdge, Pipeline
 from pipelines.selectors import block_upstream_uuids
@@ -47,6 +50,48 @@ def add_service_errors(form: forms.BaseForm, exc: ValidationError) -> None:
         form.add_error(target, errors)
 
 
+class SafeJSONField(forms.JSONField):
+    """Django's JSON form field with jsonsafe's rules, for every JSON box of the admin.
+
+    Typed text is parsed by `jsonsafe.loads`, so NaN, a NUL, a lone surrogate or
+    nesting beyond the limit is a form error saying where (never a 500 from Python's
+    recursion limit). A stored value that breaks those rules (saved before them) is
+    shown escaped: a lone surrogate as the text `\\ud800`, so that the page renders and
+    the user can see and fix it."""
+
+    def to_python(self, value: Any) -> Any:
+        if self.disabled or not isinstance(value, str) or value in self.empty_values:
+            return super().to_python(value)
+        try:
+            converted = jsonsafe.loads(value)
+        except jsonsafe.JSONValueError as exc:
+            raise ValidationError(str(exc), code="invalid") from None
+        return JSONString(converted) if isinstance(converted, str) else converted
+
+    def bound_data(self, data: Any, initial: Any) -> Any:
+        # Django parses what was typed again to show it; text it cannot parse is
+        # shown as typed.
+        try:
+            return super().bound_data(data, initial)
+        except (ValueError, RecursionError):
+            return InvalidJSONInput(data)
+
+    def prepare_value(self, value: Any) -> Any:
+        text = super().prepare_value(value)
+        if isinstance(value, InvalidJSONInput) or text.isascii():
+            return text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which no page can be written in
+            return json.dumps(value, ensure_ascii=True, cls=self.encoder)
+        return text
+
+
+def json_field_classes(model: type[models.Model]) -> dict[str, type[forms.Field]]:
+    """`Meta.field_classes` giving every JSON field of `model` a SafeJSONField."""
+    return {f.name: SafeJSONField for f in model._meta.concrete_fields if isinstance(f, models.JSONField)}
+
+
 def _json_default(cleaned: dict[str, Any], defaults: dict[str, Any]) -> None:
     """An emptied JSON box means "nothing", not SQL NULL in a NOT NULL column."""
     for name, empty in defaults.items():
@@ -67,6 +112,7 @@ class PipelineAdminForm(forms.ModelForm):
     class Meta:
         model = Pipeline
         fields = ("uuid", "name", *services.PIPELINE_FIELDS)
+        field_classes = json_field_classes(Pipeline)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -135,6 +181,7 @@ class BlockAdminForm(forms.ModelForm):
             "retry_config", "timeout", "position", "extra",
         )
         widgets = {"content": _CODE_WIDGET}
+        field_classes = json_field_classes(Block)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

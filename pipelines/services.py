@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import F
 
+from config.common import jsonsafe, limits
 from pipelines import dag
 from pipelines.execution.checks import BlockCodeError, check_python_syntax
 from pipelines.models import Block, BlockEdge, BlockLanguage, BlockType, Pipeline, content_hash
@@ -25,37 +26,65 @@ BLOCK_FIELDS = ("name", "type", "language", "content", "configuration", "retry_c
 def _check_json_object(field: str, value: Any) -> None:
     if not isinstance(value, dict):
         raise ValidationError({field: f"{field} must be a JSON object, not {type(value).__name__}"})
+    jsonsafe.validate(field, value)
+
+
+def _check_texts(fields: Mapping[str, Any], names: Sequence[str]) -> None:
+    # A NUL or a lone surrogate would fail the save on PostgreSQL (or the page that
+    # shows it): refused here, naming the field, like any other bad value.
+    for name in names:
+        if isinstance(fields.get(name), str):
+            jsonsafe.validate_text(name, fields[name])
 
 
 def validate_pipeline_fields(fields: Mapping[str, Any]) -> None:
-    for name in ("variables", "concurrency_config", "retry_config", "notification_config"):
+    """Every pipeline field that is given: JSON fields are objects (tags a list) that
+    both databases store as they are (config.common.jsonsafe), and the settings stay
+    within config.common.limits. Raises ValidationError naming the field."""
+    _check_texts(fields, ("name", "description"))
+    for name in ("variables", "concurrency_config", "notification_config", "extra"):
         if name in fields and fields[name] is not None:
             _check_json_object(name, fields[name])
-    if "tags" in fields and not isinstance(fields["tags"], list):
-        raise ValidationError({"tags": "tags must be a list"})
-    for key in ("block_run_limit", "pipeline_run_limit"):
-        value = (fields.get("concurrency_config") or {}).get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValidationError({"concurrency_config": f"{key} must be a positive integer, not {value!r}"})
+    if "tags" in fields:
+        if not isinstance(fields["tags"], list):
+            raise ValidationError({"tags": "tags must be a list"})
+        jsonsafe.validate("tags", fields["tags"])
+    if fields.get("concurrency_config") is not None:
+        limits.validate_concurrency_config("concurrency_config", fields["concurrency_config"])
+    if fields.get("retry_config") is not None:
+        _check_json_object("retry_config", fields["retry_config"])
+        limits.validate_retry_config("retry_config", fields["retry_config"])
 
 
 def validate_block_fields(fields: Mapping[str, Any], *, label: str = "block") -> None:
+    """Every block field that is given, as `validate_pipeline_fields` does, plus the
+    type, the language, a timeout within limits.MAX_SECONDS and, for Python, the
+    code's syntax. `label` (`transformer/clean`) starts the messages."""
     if "type" in fields and fields["type"] not in BlockType.values:
         raise ValidationError({"type": f"{label}: unknown block type {fields['type']!r}; expected one of {', '.join(BlockType.values)}"})
     if "language" in fields and fields["language"] not in BlockLanguage.values:
         raise ValidationError({"language": f"{label}: unknown language {fields['language']!r}"})
-    if "configuration" in fields and fields["configuration"] is not None:
-        _check_json_object("configuration", fields["configuration"])
-    if fields.get("retry_config") is not None:
-        _check_json_object("retry_config", fields["retry_config"])
-    timeout = fields.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0):
-        raise ValidationError({"timeout": f"{label}: timeout must be a positive number of seconds, not {timeout!r}"})
+    try:
+        _check_block_values(fields)
+    except ValidationError as exc:  # which block, for an import of many
+        raise ValidationError({k: [f"{label}: {m}" for m in msgs] for k, msgs in exc.message_dict.items()}) from None
+    if fields.get("timeout") is not None:
+        limits.validate_seconds("timeout", fields["timeout"], name=f"{label}: timeout", minimum=1)
     if fields.get("language", BlockLanguage.PYTHON) == BlockLanguage.PYTHON and "content" in fields:
         try:
             check_python_syntax(fields["content"] or "", filename=label)
         except BlockCodeError as exc:
             raise ValidationError({"content": str(exc)}) from None
+
+
+def _check_block_values(fields: Mapping[str, Any]) -> None:
+    _check_texts(fields, ("name", "content"))
+    for name in ("configuration", "extra"):
+        if name in fields and fields[name] is not None:
+            _check_json_object(name, fields[name])
+    if fields.get("retry_config") is not None:
+        _check_json_object("retry_config", fields["retry_config"])
+        limits.validate_retry_config("retry_config", fields["retry_config"])
 
 
 def pipeline_create(*, uuid: str, name: str = "", **fields: Any) -> Pipeline:

@@ -9,7 +9,6 @@ result count, no filter whose choices come from a DISTINCT over a big table.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.contrib import admin, messages
@@ -22,7 +21,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from config.permissions import EDITORS_GROUP, user_can_edit
-from pipelines.admin import ViewOnly
+from pipelines.admin import ViewOnly, json_pre
 from pipelines.models import BlockType, Pipeline
 from runs import services
 from runs.models import BlockRun, BlockRunStatus, LogEntry, PipelineRun, RunAction
@@ -43,12 +42,6 @@ def _pre(text: str) -> str:
     if not text:
         return "-"
     return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
-
-
-def _json_pre(value: Any) -> str:
-    if value in (None, {}, []):
-        return "-"
-    return _pre(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
 def _seconds(value: float | None) -> str:
@@ -170,11 +163,17 @@ class RunActionInline(ViewOnly, admin.TabularInline):
     """The run's audit trail: who retried or cancelled it, when, and what changed."""
 
     model = RunAction
-    fields = ("created_at", "action", "user", "detail")
+    # `detail` through json_pre: Django's own display of a JSON field fails the page
+    # on a lone surrogate stored before jsonsafe refused them.
+    fields = ("created_at", "action", "user", "detail_pre")
     readonly_fields = fields
     extra = 0
     verbose_name = "operation"
     verbose_name_plural = "audit trail"
+
+    @admin.display(description="detail")
+    def detail_pre(self, action: RunAction) -> str:
+        return json_pre(action.detail)
 
 
 @admin.register(PipelineRun)
@@ -280,15 +279,15 @@ class PipelineRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="variables")
     def variables_pre(self, run: PipelineRun) -> str:
-        return _json_pre(run.variables)
+        return json_pre(run.variables)
 
     @admin.display(description="event")
     def event_pre(self, run: PipelineRun) -> str:
-        return _json_pre(run.event)
+        return json_pre(run.event)
 
     @admin.display(description="metrics")
     def metrics_pre(self, run: PipelineRun) -> str:
-        return _json_pre(run.metrics)
+        return json_pre(run.metrics)
 
     @admin.display(description="log")
     def log_tail(self, run: PipelineRun) -> str:
@@ -380,15 +379,15 @@ class BlockRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="earlier attempts")
     def attempts_pre(self, br: BlockRun) -> str:
-        return _json_pre(br.attempts)
+        return json_pre(br.attempts)
 
     @admin.display(description="outputs")
     def outputs_pre(self, br: BlockRun) -> str:
-        return _json_pre(br.outputs)
+        return json_pre(br.outputs)
 
     @admin.display(description="metrics")
     def metrics_pre(self, br: BlockRun) -> str:
-        return _json_pre(br.metrics)
+        return json_pre(br.metrics)
 
     @admin.display(description="logs")
     def logs_link(self, br: BlockRun) -> str:

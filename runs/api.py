@@ -29,7 +29,10 @@ class BlockRunBriefSerializer(serializers.ModelSerializer):
 
 
 class PipelineRunCreatedSerializer(serializers.ModelSerializer):
-    """What a caller of the API trigger learns about the run it started: no more."""
+    """The run an API trigger started: its id, status, pipeline, execution date,
+    variables and schedule."""
+
+    # The API trigger's caller holds only a token: it learns this much and no more.
 
     pipeline_uuid = serializers.CharField(source="pipeline.uuid", read_only=True)
     pipeline_schedule_id = serializers.IntegerField(source="trigger_id", read_only=True, allow_null=True)
@@ -89,8 +92,9 @@ def pipeline_runs_for_api() -> QuerySet[PipelineRun]:
 
 
 class PipelineRunList(generics.ListAPIView):
-    """`GET /api/pipeline_runs`: `?pipeline_uuid=&status=&run_type=&pipeline_schedule_id=`,
-    paginated with `?_limit=&_offset=`."""
+    """Pipeline runs, newest first, filtered by
+    `?pipeline_uuid=&status=&run_type=&pipeline_schedule_id=` and paginated with
+    `?_limit=&_offset=`."""
 
     permission_classes = [CanView]
     serializer_class = PipelineRunSerializer
@@ -106,7 +110,7 @@ class PipelineRunList(generics.ListAPIView):
 
 
 class PipelineRunDetail(generics.RetrieveAPIView):
-    """`GET /api/pipeline_runs/<id>` with its block runs."""
+    """One pipeline run, with its block runs."""
 
     permission_classes = [CanView]
     serializer_class = PipelineRunDetailSerializer

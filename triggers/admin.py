@@ -4,7 +4,6 @@ or a negative timeout exactly as the API does, on the field that is wrong."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django import forms
@@ -18,20 +17,13 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from pipelines.admin import ViewOnly
-from pipelines.forms import add_service_errors, copy_saved
+from pipelines.admin import SafeJSONReadOnly, ViewOnly, json_pre
+from pipelines.forms import add_service_errors, copy_saved, json_field_classes
 from runs.models import PipelineRun
 from triggers import schedule, services
 from triggers.models import Backfill, Event, Trigger
 
 UPCOMING_SHOWN = 5
-
-
-def _pre(value: Any) -> str:
-    if value in (None, {}, [], ""):
-        return "-"
-    text = value if isinstance(value, str) else json.dumps(value, indent=2, sort_keys=True, default=str)
-    return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
 
 
 def _json_default(cleaned: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -47,6 +39,7 @@ class TriggerAdminForm(forms.ModelForm):
     class Meta:
         model = Trigger
         fields = services.TRIGGER_FIELDS
+        field_classes = json_field_classes(Trigger)
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -94,7 +87,7 @@ class HasErrorFilter(admin.SimpleListFilter):
 
 
 @admin.register(Trigger)
-class TriggerAdmin(admin.ModelAdmin):
+class TriggerAdmin(SafeJSONReadOnly, admin.ModelAdmin):
     form = TriggerAdminForm
     list_display = ("name", "pipeline", "schedule_type", "status", "schedule_interval", "timezone", "next_run_at", "short_error")
     list_filter = ("schedule_type", "status", HasErrorFilter, "pipeline")
@@ -187,6 +180,7 @@ class BackfillAdminForm(forms.ModelForm):
     class Meta:
         model = Backfill
         fields = ("pipeline", "name", "start_datetime", "end_datetime", "interval", "timezone", "variables")
+        field_classes = json_field_classes(Backfill)
         help_texts = {
             "interval": "@hourly, @daily, @weekly, @monthly or a 5-field cron expression.",
             "start_datetime": "The first logical date (inclusive).",
@@ -204,8 +198,7 @@ class BackfillAdminForm(forms.ModelForm):
                     start=cleaned["start_datetime"], end=cleaned["end_datetime"],
                     interval=cleaned["interval"], timezone=cleaned.get("timezone") or "UTC",
                 )
-                if not isinstance(cleaned.get("variables"), dict):
-                    raise ValidationError({"variables": ["variables must be a JSON object"]})
+                services.validate_json_object("variables", cleaned.get("variables"))
             except ValidationError as exc:
                 add_service_errors(self, ValidationError(
                     {self._FIELD_NAMES.get(k, k): v for k, v in exc.error_dict.items()}
@@ -232,7 +225,7 @@ def _finished_runs() -> Coalesce:
 
 
 @admin.register(Backfill)
-class BackfillAdmin(admin.ModelAdmin):
+class BackfillAdmin(SafeJSONReadOnly, admin.ModelAdmin):
     form = BackfillAdminForm
     list_display = ("id", "name", "pipeline", "interval", "timezone", "start_datetime", "end_datetime", "status", "progress", "created_at")
     list_display_links = ("id", "name")
@@ -290,7 +283,7 @@ class EventAdmin(ViewOnly, admin.ModelAdmin):
 
     @admin.display(description="payload")
     def payload_pre(self, event: Event) -> str:
-        return _pre(event.payload)
+        return json_pre(event.payload)
 
     @admin.display(description="runs it started")
     def run_list(self, event: Event) -> str:

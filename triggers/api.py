@@ -7,7 +7,6 @@ roles (config/permissions.py) and shapes answers.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import django_filters
@@ -27,8 +26,10 @@ from config.api import (
     PayloadTooLarge,
     envelope,
     envelope_schema,
+    json_body_error,
     unwrap,
 )
+from config.common import jsonsafe
 from config.permissions import user_can_edit
 from pipelines.models import Pipeline
 from runs.api import PipelineRunCreatedSerializer, PipelineRunSerializer
@@ -44,8 +45,11 @@ IDEMPOTENCY_KEY_MAX = 255  # ApiRequest.key
 # --- pipeline schedules ------------------------------------------------------------------------
 
 class PipelineScheduleSerializer(serializers.ModelSerializer):
-    """A trigger as Mage shows it. `token` only for those who may edit (see
-    `to_representation`): a viewer must not be able to start runs with it."""
+    """A trigger (Mage's pipeline schedule). `token`, the secret of an API trigger, is
+    shown to editors and staff only."""
+
+    # A viewer must not be able to start runs with the token: `to_representation`
+    # drops it unless the view says the caller may edit.
 
     pipeline_uuid = serializers.CharField(source="pipeline.uuid", read_only=True)
     token = serializers.CharField(read_only=True, required=False, help_text="Editors and staff only.")
@@ -79,8 +83,11 @@ class _DictOrNull(serializers.DictField):
 
 
 class PipelineScheduleInputSerializer(serializers.Serializer):
-    """The writable fields, checked for type here; what they mean (a valid cron, a known
-    time zone, ...) is checked by the services."""
+    """The fields of a pipeline schedule that can be set. An unknown field, a bad value
+    or a setting out of bounds is a 400 naming the field."""
+
+    # Only the types are checked here; what the values mean (a valid cron, a known time
+    # zone, bounded settings) is checked by triggers.services, for every interface.
 
     name = serializers.CharField(max_length=255)
     description = serializers.CharField(allow_blank=True, required=False)
@@ -141,12 +148,23 @@ class _ScheduleListMixin:
 
 
 class PipelineScheduleList(_ScheduleListMixin, generics.ListAPIView):
-    """`GET /api/pipeline_schedules`: every trigger, `?pipeline_uuid=&status=&schedule_type=`."""
+    """Every pipeline schedule, filtered by `?pipeline_uuid=&status=&schedule_type=`.
+    Create one with `POST /api/pipelines/<pipeline uuid>/pipeline_schedules`."""
 
     filterset_class = PipelineScheduleFilter
 
     def get_queryset(self) -> QuerySet[Trigger]:
         return Trigger.objects.select_related("pipeline").order_by("pipeline__uuid", "name", "id")
+
+    def http_method_not_allowed(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # Mage's clients POST here; a bare "not allowed" leaves them guessing.
+        if request.method == "POST":
+            raise exceptions.MethodNotAllowed(
+                "POST",
+                detail="A pipeline schedule is created with POST /api/pipelines/<pipeline uuid>/pipeline_schedules; "
+                "this URL only lists them (GET).",
+            )
+        return super().http_method_not_allowed(request, *args, **kwargs)
 
     @extend_schema(responses=envelope_schema("pipeline_schedules", PipelineScheduleSerializer, many=True))
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -154,7 +172,8 @@ class PipelineScheduleList(_ScheduleListMixin, generics.ListAPIView):
 
 
 class PipelinePipelineSchedules(_ScheduleListMixin, generics.ListAPIView):
-    """`GET /api/pipelines/<uuid>/pipeline_schedules` (viewers) and `POST` (editors)."""
+    """The pipeline schedules of one pipeline (`GET`, viewers), and a new one (`POST`,
+    editors)."""
 
     def get_queryset(self) -> QuerySet[Trigger]:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular reading the view
@@ -178,8 +197,8 @@ class PipelinePipelineSchedules(_ScheduleListMixin, generics.ListAPIView):
 
 
 class PipelineScheduleDetail(APIView):
-    """`GET`, `PUT` (partial, as in Mage; `status` activates or pauses) and `DELETE`
-    `/api/pipeline_schedules/<id>`."""
+    """One pipeline schedule: read it, change it (`PUT` and `PATCH` both change only
+    the fields given, as in Mage; `status` activates or pauses it), delete it."""
 
     @extend_schema(responses=envelope_schema("pipeline_schedule", PipelineScheduleSerializer))
     def get(self, request: Request, pk: int) -> Response:
@@ -225,7 +244,7 @@ def _apply_update(trigger: Trigger, fields: dict[str, Any]) -> Trigger:
 
 
 class PipelineScheduleRotateToken(APIView):
-    """`POST /api/pipeline_schedules/<id>/rotate_token`: the old token stops working at once."""
+    """A new token for an API trigger; the old token stops working at once."""
 
     @extend_schema(request=None, responses=envelope_schema("pipeline_schedule", PipelineScheduleSerializer))
     def post(self, request: Request, pk: int) -> Response:
@@ -254,8 +273,8 @@ def _run_variables(data: Any) -> Any:
 
 
 class PipelineScheduleRunNow(APIView):
-    """`POST /api/pipeline_schedules/<id>/run`: "run once now", with the trigger's
-    variables and then the body's."""
+    """Run the schedule's pipeline once now, with the schedule's variables and then
+    the body's on top; works whether the schedule is active or paused."""
 
     @extend_schema(request=_RUN_BODY, responses={201: envelope_schema("pipeline_run", PipelineRunSerializer)})
     def post(self, request: Request, pk: int) -> Response:
@@ -288,13 +307,29 @@ def _read_limited_body(request: Request) -> bytes:
     return raw
 
 
-def _parse_json_body(raw: bytes) -> Any:
+def _is_json_media_type(content_type: str) -> bool:
+    """`application/json` or a JSON suffix type (`application/vnd.x+json`), with any
+    parameters (`; charset=utf-8`)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def _parse_json_body(raw: bytes, content_type: str) -> Any:
+    """The body as JSON, by jsonsafe's rules. An empty body without a Content-Type
+    carries no data (None: no variables); anything else must say it is JSON (415)."""
+    if not raw.strip() and not content_type:
+        return None
+    if not _is_json_media_type(content_type):
+        raise exceptions.UnsupportedMediaType(
+            content_type or "(none)",
+            detail=f"The body must be JSON (Content-Type: application/json), not {content_type or 'untyped'}.",
+        )
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise exceptions.ParseError(f"The request body is not valid JSON: {exc}") from None
+        return jsonsafe.loads(raw)
+    except jsonsafe.JSONValueError as exc:
+        raise json_body_error(exc) from None
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -310,13 +345,17 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 class ApiTriggerView(APIView):
-    """`POST /api/pipeline_schedules/<id>/pipeline_runs/<token>`: the token is the
-    credential, so no login and no CSRF (DRF exempts its views; no session is read).
+    """Start a run of an API trigger's pipeline. The token in the URL is the
+    credential: no login is needed. The body, `{"pipeline_run": {"variables": {...}}}`,
+    is optional and must be JSON (`Content-Type: application/json`).
 
-    200 `{"pipeline_run": {...}}`; 403 wrong or missing token; 404 unknown trigger; 409
-    paused trigger; 400 malformed JSON or `variables` not an object; 413 body over 1 MB.
-    A retry with the same `Idempotency-Key` header answers the first call's run."""
+    200 `{"pipeline_run": {...}}`; 400 malformed JSON, a value that cannot be stored
+    (NaN, a NUL character, ...) or `variables` not an object, naming the field; 403
+    wrong or missing token; 404 unknown trigger; 409 paused trigger; 413 body over
+    1 MiB; 415 a body that is not JSON. A retry with the same `Idempotency-Key` header
+    answers the first call's run."""
 
+    # No session is read and DRF exempts its views from CSRF: the token is all.
     authentication_classes: list = []
     permission_classes = [AllowAny]
 
@@ -326,11 +365,11 @@ class ApiTriggerView(APIView):
         responses={
             200: envelope_schema("pipeline_run", PipelineRunCreatedSerializer),
             400: ErrorSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
-            409: ErrorSerializer, 413: ErrorSerializer,
+            409: ErrorSerializer, 413: ErrorSerializer, 415: ErrorSerializer,
         },
     )
     def post(self, request: Request, pk: int, token: str = "") -> Response:
-        body = _parse_json_body(_read_limited_body(request))
+        body = _parse_json_body(_read_limited_body(request), request.content_type or "")
         variables = _run_variables(body)
         key = _idempotency_key(request)
         try:
@@ -391,8 +430,8 @@ def _events_with_runs() -> QuerySet[Event]:
 
 
 class EventList(generics.ListAPIView):
-    """`GET /api/events/` (viewers): events, newest first, with the runs they started;
-    `POST` (editors) records one and starts every active event trigger it matches."""
+    """Events, newest first, with the runs they started (`GET`, viewers); `POST`
+    (editors) records one and starts a run of every active event trigger it matches."""
 
     serializer_class = EventSerializer
     filterset_class = EventFilter

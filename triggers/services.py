@@ -28,6 +28,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
 from django.utils import timezone as djtz
 
+from config.common import jsonsafe, limits
 from pipelines.models import Pipeline
 from pipelines.selectors import pipeline_definition
 from runs import orchestrator
@@ -81,16 +82,12 @@ def _invalid(field: str, message: str) -> ValidationError:
     return ValidationError({field: [message]})
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_text(field: str, value: Any, *, required: bool) -> str:
     if value is None:
         value = ""
     if not isinstance(value, str):
         raise _invalid(field, f"{field} must be text, not {type(value).__name__}")
-    value = value.strip()
+    value = jsonsafe.validate_text(field, value).strip()
     if required and not value:
         raise _invalid(field, f"{field} is required")
     if len(value) > _TEXT_MAX:
@@ -98,12 +95,15 @@ def _check_text(field: str, value: Any, *, required: bool) -> str:
     return value
 
 
-def _check_object(field: str, value: Any) -> dict:
+def validate_json_object(field: str, value: Any) -> dict:
+    """A JSON object both databases can store as it is (config.common.jsonsafe: no NaN,
+    NUL, lone surrogate, 65th level or second megabyte); None is an empty one. Every
+    JSON field of a trigger, an event, a backfill and a run's variables passes here."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise _invalid(field, f"{field} must be a JSON object, not {type(value).__name__}")
-    return value
+    return jsonsafe.validate(field, value)
 
 
 def _check_choice(field: str, value: Any, choices: list[str]) -> str:
@@ -139,23 +139,25 @@ def _aware_datetime(field: str, value: Any, tz: str) -> datetime:
 
 
 def validate_settings(value: Any) -> dict:
-    """The trigger's `settings`, checked key by key; an error names `settings.<key>`."""
-    value = _check_object("settings", value)
+    """The trigger's `settings`, checked key by key; an error names `settings.<key>`.
+    `timeout` and `sla` are seconds up to limits.MAX_SECONDS (0 or null: none), which
+    the run's integer columns hold."""
+    value = validate_json_object("settings", value)
     for key, item in value.items():
         name = f"settings.{key}"
         if key not in SETTINGS_KEYS:
             raise _invalid("settings", f"{name} is not a known setting; known: {', '.join(SETTINGS_KEYS)}")
         if key in _BOOL_SETTINGS and not isinstance(item, bool):
             raise _invalid("settings", f"{name} must be true or false, not {item!r}")
-        if key in _SECONDS_SETTINGS and item is not None and (not _is_int(item) or item < 0):
-            raise _invalid("settings", f"{name} must be a whole number of seconds >= 0, not {item!r}")
+        if key in _SECONDS_SETTINGS and item is not None:
+            limits.validate_seconds("settings", item, name=name)
         if key == "timeout_status" and item not in (PipelineRunStatus.FAILED, PipelineRunStatus.CANCELLED):
             raise _invalid("settings", f"{name} must be 'failed' or 'cancelled', not {item!r}")
     return value
 
 
 def validate_event_matcher(value: Any, *, required: bool) -> dict:
-    value = _check_object("event_matcher", value)
+    value = validate_json_object("event_matcher", value)
     if not required and not value:
         return {}
     unknown = [k for k in value if k not in _EVENT_MATCHER_KEYS]
@@ -180,6 +182,7 @@ def validate_trigger_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     cleaned["name"] = _check_text("name", fields.get("name"), required=True)
     if not isinstance(fields.get("description", ""), str):
         raise _invalid("description", "description must be text")
+    jsonsafe.validate_text("description", fields.get("description") or "")
     cleaned["schedule_type"] = _check_choice("schedule_type", fields.get("schedule_type"), ScheduleType.values)
     cleaned["status"] = _check_choice("status", fields.get("status"), TriggerStatus.values)
     cleaned["timezone"] = _check_timezone("timezone", fields.get("timezone") or "UTC")
@@ -190,7 +193,7 @@ def validate_trigger_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     cleaned["schedule_interval"] = _check_interval("schedule_interval", interval) if interval else ""
     start = fields.get("start_time")
     cleaned["start_time"] = None if start is None else _aware_datetime("start_time", start, cleaned["timezone"])
-    cleaned["variables"] = _check_object("variables", fields.get("variables"))
+    cleaned["variables"] = validate_json_object("variables", fields.get("variables"))
     cleaned["settings"] = validate_settings(fields.get("settings"))
     cleaned["event_matcher"] = validate_event_matcher(
         fields.get("event_matcher"), required=cleaned["schedule_type"] == ScheduleType.EVENT,
@@ -371,7 +374,7 @@ def trigger_rotate_token(trigger: Trigger) -> str:
 def trigger_run_now(trigger: Trigger, *, variables: dict | None = None, created_by: Any = None) -> PipelineRun:
     """"Run once now": a manual run with the trigger's variables (then `variables`).
     Works whether the trigger is active or paused."""
-    variables = _check_object("variables", variables)
+    variables = validate_json_object("variables", variables)
     return trigger_create_run(trigger, run_type=RunType.MANUAL, variables=variables, created_by=created_by)
 
 
@@ -397,7 +400,7 @@ def trigger_fire_api(
         raise TokenRejected("wrong token for this trigger")
     if not trigger.is_active:
         raise TriggerInactive(f"trigger {trigger.pk} is paused")
-    variables = _check_object("variables", variables)
+    variables = validate_json_object("variables", variables)
     key = _check_text("idempotency_key", idempotency_key, required=False)
     if not key:
         return trigger_create_run(trigger, run_type=RunType.API, variables=variables), True
@@ -453,7 +456,7 @@ def event_record(*, source: str, name: str, payload: Any = None, created_by: Any
     is logged and the others still run."""
     source = _check_text("source", source, required=True)
     name = _check_text("name", name, required=True)
-    payload = _check_object("payload", payload)
+    payload = validate_json_object("payload", payload)
     user = created_by if getattr(created_by, "pk", None) else None
     with transaction.atomic():
         event = Event.objects.create(source=source, name=name, payload=payload, created_by=user)
@@ -512,7 +515,7 @@ def backfill_create(
     wait in `initial` and start in order."""
     if not isinstance(pipeline, Pipeline):
         raise _invalid("pipeline", "pipeline is required")
-    variables = _check_object("variables", variables)
+    variables = validate_json_object("variables", variables)
     name = _check_text("name", name, required=False)
     tz = _check_timezone("timezone", timezone)
     dates = backfill_dates(start=start, end=end, interval=interval, timezone=tz)

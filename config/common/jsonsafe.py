@@ -8,7 +8,8 @@ pages, a block's kwargs) gets it back unchanged. Refused, naming where in the va
 - a NUL character in a string or a key (PostgreSQL's jsonb cannot hold one);
 - a lone surrogate (`"\\ud800"`), which is not text and cannot be encoded as UTF-8;
 - NaN, Infinity and numbers too large for a float (`1e999`): not JSON;
-- integers beyond 64 bits (JSON readers in other languages lose them);
+- integers beyond 64 bits (JSON readers in other languages lose them), and floats
+  beyond that range too (PostgreSQL gives `1e20` back as a 21-digit integer);
 - nesting deeper than MAX_DEPTH levels, or more than MAX_BYTES of encoded JSON;
 - anything that is not a JSON value (a tuple, a set, a date, a non-string key).
 """
@@ -60,18 +61,37 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
+class _NotFinite:
+    """What `loads` makes of `NaN`, `Infinity` or `1e999`, so that `check` refuses it
+    with its path instead of the parser stopping with no idea where it was."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, text: str, problem: str = "which is not a JSON number"):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        self.problem = f"is {shown}, {problem}"
+
+
+_FLOAT_NAMES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
 def _scalar_problem(value: Any) -> str | None:
     """What is wrong with a scalar, or None; raises TypeError for a non-JSON type."""
-    kind = type(value)
-    if kind is str:
+    if isinstance(value, str):  # Django's JSONString is a str subclass
         return _text_problem(value)
-    if value is None or kind is bool:
+    if value is None or isinstance(value, bool):
         return None
-    if kind is int:
+    if isinstance(value, int):
         return None if -MAX_INT <= value <= MAX_INT else "is an integer larger than 64 bits"
-    if kind is float:
-        return None if math.isfinite(value) else f"is {value}, which is not a JSON number"
-    raise TypeError(kind.__name__)
+    if type(value) is float:
+        if not math.isfinite(value):
+            return f"is {_FLOAT_NAMES[str(value)]}, which is not a JSON number"
+        # PostgreSQL's jsonb keeps numbers as decimals and gives 1e20 back as the
+        # integer 100000000000000000000, which is then refused above: refused now.
+        return None if -MAX_INT <= value <= MAX_INT else f"is {value!r}, a number beyond the 64-bit range"
+    if type(value) is _NotFinite:
+        return value.problem
+    raise TypeError(type(value).__name__)
 
 
 def problem_in(value: Any, *, max_depth: int = MAX_DEPTH, root: str = "") -> JSONValueError | None:
@@ -109,10 +129,20 @@ def check(value: Any, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BYTES,
     found = problem_in(value, max_depth=max_depth, root=root)
     if found is not None:
         raise found
-    if max_bytes and isinstance(value, dict | list):
+    if max_bytes and isinstance(value, dict | list | str):
         size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
         if size > max_bytes:
             raise JSONValueError(root, f"is {size:,} bytes of JSON; at most {max_bytes:,} are allowed")
+
+
+def validate_text(field: str, value: str) -> str:
+    """Text for a text column (a name, a description, a block's code): refused, keyed
+    by `field`, when it holds a NUL character or a lone surrogate, which neither
+    database can store. Returns the value."""
+    problem = _text_problem(value)
+    if problem:
+        raise ValidationError({field: [f"{field} {problem}"]})
+    return value
 
 
 def validate(field: str, value: Any, **limits: Any) -> Any:
@@ -125,15 +155,9 @@ def validate(field: str, value: Any, **limits: Any) -> Any:
     return value
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
+def _finite_float(text: str) -> float | _NotFinite:
     value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is too large")
-    return value
+    return value if math.isfinite(value) else _NotFinite(text, "a number too large to store")
 
 
 def loads(data: str | bytes, *, root: str = "", max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BYTES) -> Any:
@@ -147,15 +171,17 @@ def loads(data: str | bytes, *, root: str = "", max_depth: int = MAX_DEPTH, max_
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise JSONValueError(root, f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    parse: Callable[[str], Any] = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float).decode
+    # NaN, Infinity and 1e999 are read as markers that `check` below refuses with their
+    # path (`variables.ratio: is NaN`): the parser itself cannot say where it was.
+    parse: Callable[[str], Any] = json.JSONDecoder(parse_constant=_NotFinite, parse_float=_finite_float).decode
     try:
         value = parse(data)
     except RecursionError:
         raise JSONValueError(root, f"is nested more than {max_depth} levels deep") from None
     except json.JSONDecodeError as exc:
         raise JSONValueError(root, f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    except ValueError as exc:  # a constant, a huge number, too many digits
-        reason = str(exc) if "digits" not in str(exc) else "a number has too many digits"
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        reason = "a number has too many digits" if "digits" in str(exc) else str(exc)
         raise JSONValueError(root, f"is not valid JSON: {reason}") from None
     check(value, root=root, max_depth=max_depth, max_bytes=0)
     return value

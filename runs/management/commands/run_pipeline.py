@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
+from config.common import jsonsafe
 from pipelines import execution
 from pipelines.models import Pipeline
 from runs import orchestrator
@@ -73,12 +73,14 @@ class Command(BaseCommand):
 
 
 def _parse_vars(raw: str | None) -> dict:
+    """The `--runtime-vars` JSON object, by the rules every other entry point uses
+    (config.common.jsonsafe): the error names the option and where in it."""
     if raw is None:
         return {}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"--runtime-vars is not valid JSON: {exc}") from None
+        value = jsonsafe.loads(raw, root="--runtime-vars")
+    except jsonsafe.JSONValueError as exc:
+        raise CommandError(str(exc)) from None
     if not isinstance(value, dict):
-        raise CommandError("--runtime-vars must be a JSON object")
+        raise CommandError(f"--runtime-vars must be a JSON object, not {type(value).__name__}")
     return value

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from datetime import date, datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from config.common import jsonsafe
 from pipelines.models import Pipeline
 from triggers import services
 
@@ -64,12 +64,13 @@ def _moment(option: str, text: str) -> datetime:
 
 
 def _variables(text: str) -> dict:
+    """`--variables`, parsed by the rules every entry point uses (jsonsafe)."""
     if not text.strip():
         return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"--variables: not valid JSON ({exc})") from None
+        value = jsonsafe.loads(text, root="--variables")
+    except jsonsafe.JSONValueError as exc:
+        raise CommandError(str(exc)) from None
     if not isinstance(value, dict):
         raise CommandError(f"--variables: must be a JSON object, not {type(value).__name__}")
     return value
