@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -76,44 +77,70 @@ def database_url() -> str:
 
 
 class WorkerCluster:
-    """A real `manage.py qcluster` on the test database."""
+    """A real `manage.py qcluster` on the test database. Its output is read as it comes
+    (a worker logs a line per block run, and a full pipe would stop it)."""
 
     def __init__(self, data_dir: Path, workers: int = 2, env: dict | None = None):
-        self.env = dict(
-            os.environ,
-            DATABASE_URL=database_url(),
-            MILLRACE_DATA_DIR=str(data_dir),
-            MILLRACE_WORKERS=str(workers),
-            MILLRACE_BROKER_POLL="0.05",
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "MILLRACE_DATA_DIR": str(data_dir),
+            "MILLRACE_WORKERS": str(workers),
+            "MILLRACE_BROKER_POLL": "0.05",
             # A stop at the end of a test hands back what still runs at once.
-            MILLRACE_SHUTDOWN_GRACE="1",
+            "MILLRACE_SHUTDOWN_GRACE": "1",
             **(env or {}),
-        )
+        }
         self.proc: subprocess.Popen | None = None
+        self._output: list[bytes] = []
+        self._reader: threading.Thread | None = None
 
     def start(self) -> WorkerCluster:
         self.proc = subprocess.Popen(
             [sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, b""):
+            self._output.append(line)
+
+    @property
+    def output(self) -> str:
+        return b"".join(self._output).decode(errors="replace")
+
+    def signal_group(self, sig: int, timeout: float = 60) -> tuple[float, int | None]:
+        """Send `sig` to the cluster's whole process group, as systemd, honcho and a
+        terminal's Ctrl-C do; returns (seconds until its main process exited, its exit
+        code, None if it had not exited within `timeout`)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        os.killpg(self.proc.pid, sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return took, code
 
     def stop(self) -> str:
         assert self.proc is not None
         if self.proc.poll() is None:
-            # As systemd and honcho do: SIGTERM to the whole process group.
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.signal_group(signal.SIGTERM, timeout=15)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # anything left behind
         except ProcessLookupError:
             pass
-        out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-        return out
+        self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return self.output
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02):

@@ -41,11 +41,12 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     limit = timedelta(seconds=settings.MILLRACE_HEARTBEAT_LIMIT)
     done = {"failed": 0, "requeued": 0, "retried": 0, "advanced": 0, "clusters_lost": 0}
-    for cluster in dead_clusters(now):
+    for cluster, why in dead_clusters(now):
+        # Its tasks may have been taken from the broker at any time until it died,
+        # which is some time between its last heartbeat and now.
         failed, requeued = cluster_recover(
-            cluster.name, before=cluster.beat_at, now=now,
-            reason=f"The worker cluster {cluster.name} on {cluster.host} (pid {cluster.pid}) stopped heartbeating "
-            f"(last sign of life {cluster.beat_at:%Y-%m-%d %H:%M:%S} UTC); it is presumed dead",
+            cluster.name, before=now, now=now,
+            reason=f"The worker cluster {cluster.name} on {cluster.host} (pid {cluster.pid}) that ran this block is gone ({why})",
         )
         done["failed"] += failed
         done["requeued"] += requeued
@@ -64,7 +65,7 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     dispatch(retried)
     done["retried"] = len(retried)
     lost = list(BlockRun.objects.filter(status=S.QUEUED, queued_at__lt=now - limit).values_list("id", flat=True))
-    done["requeued"] = requeue(lost, now)
+    done["requeued"] += requeue(lost, now)
     # Only runs untouched for a while: a run being created or advanced right now is not
     # stalled, and the tick stays cheap.
     idle = PipelineRun.objects.filter(
@@ -104,21 +105,21 @@ def requeue(block_run_ids: list[int], now: datetime) -> int:
     return len(block_run_ids)
 
 
-def dead_clusters(now: datetime) -> list[Heartbeat]:
-    """The worker clusters that are gone: their heartbeat is older than
-    MILLRACE_CLUSTER_HEARTBEAT_LIMIT, or (on this host, without waiting for that) their
-    main process no longer runs."""
+def dead_clusters(now: datetime) -> list[tuple[Heartbeat, str]]:
+    """The worker clusters that are gone, each with how we know: their heartbeat is older
+    than MILLRACE_CLUSTER_HEARTBEAT_LIMIT, or (on this host, without waiting for that)
+    their main process no longer runs. A cluster on this host whose process runs is not
+    gone, however long it has been silent (its database writes may wait on a lock): its
+    blocks are alive too."""
     limit = now - timedelta(seconds=settings.MILLRACE_CLUSTER_HEARTBEAT_LIMIT)
     host = socket.gethostname()
     gone = []
     for cluster in Heartbeat.objects.filter(kind=HeartbeatKind.CLUSTER):
-        local = cluster.host == host
-        if (local and not _runs(cluster.pid, cluster.started_at)) or (not local and cluster.beat_at < limit):
-            gone.append(cluster)
-        elif local and cluster.beat_at < limit:
-            # Alive on this host but silent (its database writes wait on a lock, say):
-            # its blocks are alive too, so nothing is taken from it.
-            continue
+        if cluster.host == host:
+            if not _runs(cluster.pid, cluster.started_at):
+                gone.append((cluster, "its process has ended"))
+        elif cluster.beat_at < limit:
+            gone.append((cluster, f"no heartbeat since {cluster.beat_at:%Y-%m-%d %H:%M:%S} UTC"))
     return gone
 
 
