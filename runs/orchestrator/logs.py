@@ -4,11 +4,12 @@ Each batch is written in one transaction with a heartbeat that succeeds only whi
 attempt holds its claim: once a block run is cancelled or taken over, its old attempt
 writes nothing more, not even a log line.
 
-A block cannot flood the database: past MILLRACE_LOG_LINES_PER_BLOCK lines, the first
-half of that many (the head) stay stored, line by line as they came, and of the rest
-only the last half (the tail) is stored, when the block ends, with a line saying how
-many were left out. Every line, head included, then also goes to a gzip file beside the
-block's outputs (`log.txt.gz`), which the API serves for download. A block that prints
+A block cannot flood the database: of its lines, the first half of
+MILLRACE_LOG_LINES_PER_BLOCK (the head) are stored as they come; the ones after are held
+back, and only the last half (the tail) is stored when the block ends. When that leaves
+lines out, a line between head and tail says how many, and every line, head included,
+also goes to a gzip file beside the block's outputs (`log.txt.gz`), which the API serves
+for download. (So past the head a block's lines show when it ends, or in the file.) A block that prints
 200,000 lines thus writes 10,000 rows instead of 200,000 (58 MB a run, and writes that
 slowed the block to 24-28 s).
 """
@@ -104,43 +105,44 @@ class LogWriter:
         LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
 
     def close(self, result: ExecutionResult) -> None:
-        """The block has ended: when its output passed the head, queue the tail and a
-        line saying what was left out, finish the file, and note both in the result's
-        metrics. Called before the result's transaction (file I/O stays out of it)."""
+        """The block has ended: queue what was held back (the tail) and, when lines were
+        left out, a line saying which and where they are, finish the file and note both
+        in the result's metrics. Called before the result's transaction (file I/O stays
+        out of it)."""
         if self.full is None:
+            self.lines.extend(self.tail)  # no more than the cap: every line is stored
             return
         self.full.close()
         left_out = self.count - self.head - len(self.tail)
-        self.lines.extend(self.tail)
         self.lines.append(LogLine(time.time(), "WARNING", (
-            f"{self.count:,} lines in all: lines {self.head + 1:,} to {self.head + left_out:,} are not stored here "
-            f"(MILLRACE_LOG_LINES_PER_BLOCK is {self.cap:,}); the whole output is in {self.full.key} "
+            f"... {left_out:,} lines not stored here (lines {self.head + 1:,} to {self.head + left_out:,} of "
+            f"{self.count:,}; MILLRACE_LOG_LINES_PER_BLOCK is {self.cap:,}): the whole output is in {self.full.key} "
             f"(GET /api/block_runs/{self.block_run.pk}/log_file)"
         )))
+        self.lines.extend(self.tail)
         result.metrics.update(log_lines=self.count, log_lines_left_out=left_out, log_file=self.full.key)
 
     def _past_head(self, lines: list[LogLine]) -> None:
+        """Lines past the head wait in the tail; once they are more than it holds, the
+        whole output goes to a file as well."""
         room = max(0, self.head - self.count)
         self.lines.extend(lines[:room])
         rest = lines[room:]
-        if self.full is None:
+        if self.full is None and self.count + len(lines) > self.cap:
             self.full = self._start_full_log()
-        self.full.write(rest)
+        if self.full is not None:
+            self.full.write(rest)
         self.tail.extend(rest)
 
     def _start_full_log(self) -> _FullLog:
-        """Open the file of the whole output with the head written so far (the rows
-        already stored, then those waiting), and say so in the log."""
+        """Open the file of the whole output with what came so far: the rows already
+        stored, those waiting, and the tail (which has dropped nothing yet)."""
         br = self.block_run
         full = _FullLog(f"{output_prefix(br.pipeline_run_id, br.block_uuid, self.claim)}/{LOG_FILE}")
         stored = LogEntry.objects.filter(block_run_id=br.pk, attempt=br.attempt).order_by("id")
         full.write([LogLine(ts.timestamp(), level, message) for ts, level, message in stored.values_list("timestamp", "level", "message")])
         full.write(self.lines)
-        self.lines.append(LogLine(time.time(), "WARNING", (
-            f"Output past line {self.head:,} is not stored line by line (MILLRACE_LOG_LINES_PER_BLOCK is {self.cap:,}): "
-            f"the last {self.tail.maxlen:,} lines are stored when the block ends, and the whole output goes to "
-            f"{full.key} (GET /api/block_runs/{br.pk}/log_file)"
-        )))
+        full.write(list(self.tail))
         return full
 
 
