@@ -580,7 +580,12 @@ def backfills_update_status(now: datetime | None = None) -> int:
         if unfinished:
             continue
         final = BackfillStatus.COMPLETED if completed >= total else BackfillStatus.FAILED
-        changed += Backfill.objects.filter(
-            pk=pk, status__in=[BackfillStatus.INITIAL, BackfillStatus.RUNNING],
-        ).update(status=final, completed_at=now)
+        # Each backfill in a savepoint of its own: one that cannot be written must not
+        # keep the others from finishing.
+        changed += orchestrator.isolated(
+            f"backfills: finishing backfill {pk}",
+            lambda pk=pk, final=final: Backfill.objects.filter(
+                pk=pk, status__in=[BackfillStatus.INITIAL, BackfillStatus.RUNNING],
+            ).update(status=final, completed_at=now),
+        ) or 0
     return changed

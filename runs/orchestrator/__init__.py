@@ -5,7 +5,10 @@
 3. Execute: `block_run_execute` claims a queued block run, runs its code in a child
    process, and `_finish` records the result and advances the run in the same
    transaction, so no polling gap separates one block from the next.
-4. Reconcile: `reconcile` repairs what a dead worker left behind.
+4. Reconcile: `reconcile` repairs what a dead worker or a dead worker cluster left
+   behind (`cluster_recover` also hands back what a cluster's forced stop left).
+5. Every periodic pass handles each row in a savepoint of its own (`isolated`); a row
+   it cannot handle is failed on that row (`salvage`) and the pass goes on.
 
 Every transition is a compare-and-swap (`filter(status=...).update(...)`) so that two
 workers, or a worker and a cancel, can never both win.
@@ -15,14 +18,16 @@ its pipeline. A transaction that changes a block run locks (or, to add log rows,
 share-locks) its run first; the other order deadlocks with a cancel.
 
 The package: `create` (new runs), `advance` (what runs next, and sending it to the
-workers), `execute` (a block run from claim to result), `retries`, `operations` (stop,
-retry and cancel), `reconcile`, and `sql` (the hand-written statements of the hot path).
+workers), `execute` (a block run from claim to result), `logs` (its log lines, capped),
+`retries` (and hand-backs), `operations` (stop, retry and cancel), `reconcile`, `isolate`
+and `salvage` (one row at a time), and `sql` (the hand-written statements of the hot path).
 Callers use the names below.
 """
 
 from runs.orchestrator.advance import advance, dispatch, start_waiting_runs
 from runs.orchestrator.create import run_create, runs_start
 from runs.orchestrator.execute import block_run_execute
+from runs.orchestrator.isolate import isolated
 from runs.orchestrator.operations import (
     RETRY_MODES,
     ActionRefused,
@@ -38,6 +43,6 @@ from runs.orchestrator.sql import worker_label
 
 __all__ = [
     "ActionRefused", "RETRY_MODES", "advance", "block_run_cancel", "block_run_execute", "cluster_recover", "dispatch",
-    "enforce_deadlines", "reconcile", "retries_due", "retry_delay", "retry_policy", "run_cancel", "run_create",
+    "enforce_deadlines", "isolated", "reconcile", "retries_due", "retry_delay", "retry_policy", "run_cancel", "run_create",
     "run_retry", "run_stop", "runs_start", "start_waiting_runs", "wake_waiting_runs", "worker_label",
 ]
