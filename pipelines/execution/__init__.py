@@ -15,13 +15,15 @@ from pipelines.execution.spec import (
     INTERRUPTED,
     BlockSpec,
     ExecutionResult,
+    LogChunk,
     LogLine,
     UpstreamInput,
+    log_lines,
 )
 
 __all__ = [
-    "INTERRUPTED", "BlockSpec", "ExecutionResult", "LogLine", "UpstreamInput", "run_block", "prepare", "LogSink",
-    "Session", "Tick",
+    "INTERRUPTED", "BlockSpec", "ExecutionResult", "LogChunk", "LogLine", "UpstreamInput", "log_lines", "run_block",
+    "prepare", "LogSink", "Session", "Tick",
 ]
 
 

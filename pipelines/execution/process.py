@@ -14,6 +14,7 @@ never uses the database.
 from __future__ import annotations
 
 import faulthandler
+import fcntl
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 
 from pipelines.execution.forkserver import ForkServer, ForkServerError, libc_function
@@ -35,11 +37,13 @@ from pipelines.execution.spec import (
     INTERRUPTED,
     BlockSpec,
     ExecutionResult,
+    LogChunk,
     LogLine,
 )
 
-# Called with new log lines; the caller batches them into its store.
-LogSink = Callable[[list[LogLine]], None]
+# Called with new log lines: LogLine objects (the block's logger) and LogChunk objects
+# (lines of stdout or stderr read together); the caller batches them into its store.
+LogSink = Callable[[list[LogLine | LogChunk]], None]
 # Called every `tick` seconds while the child runs. True: go on. False (the block run
 # was cancelled or lost its claim) or INTERRUPTED (its worker is shutting down): kill
 # the child, and end the block with that status.
@@ -52,6 +56,8 @@ _MAX_LINE = 64 * 1024
 CHATTY_LINES = 1000
 # How often the output of such a block is flushed to the pipes.
 FLUSH_EVERY = 0.2
+# The size its pipes get then (Linux's default limit for an unprivileged process).
+_CHATTY_PIPE = 1024 * 1024
 # Heavy libraries a child may import. When a child reports it used one, the fork server
 # imports it too, so that later children find it loaded instead of paying the import
 # (half a second for pandas) each time.
@@ -124,11 +130,27 @@ def _on_sigurg(signum: int, frame: object) -> None:
     slower than printing them to a file; most blocks print far fewer lines and keep it,
     so each line shows at once with no timer or thread in the child.
 
-    Python may run the handler in the middle of a write to these very streams (when the
-    write system call is interrupted). Then the byte buffer refuses the nested call
-    before it changes anything, and this stream waits for the next signal: flushing
-    the text layer there would drop the text it had taken out to write. SIGURG because
-    its default action is to do nothing: a block that resets it is not killed by it."""
+    Python runs a handler at the first place that checks for signals, and in a block
+    that prints without pause that is inside the write itself, where the stream refuses
+    a nested call (and flushing the text layer there would drop the text it took out
+    to write). The work is then done at the block's next function call instead, by a
+    one-shot profile hook, which runs between bytecodes, never inside the stream. SIGURG
+    because its default action is to do nothing: a block that resets it is not killed
+    by it."""
+    if not _switch_or_flush() and sys.getprofile() is None:
+        sys.setprofile(_at_next_call)
+
+
+def _at_next_call(frame: types.FrameType, event: str, arg: object) -> None:
+    # Not in the handler itself (setting the hook there is an event already), which may
+    # be running in the middle of the write; and until it works, at every call.
+    if frame.f_code is not _on_sigurg.__code__ and _switch_or_flush():
+        sys.setprofile(None)
+
+
+def _switch_or_flush() -> bool:
+    """Switch the streams to block buffering, or flush them once switched; False when
+    one was in the middle of a write."""
     global _buffered
     done = True
     for stream in (_stdout, _stderr):
@@ -147,6 +169,7 @@ def _on_sigurg(signum: int, frame: object) -> None:
         except (RuntimeError, ValueError, OSError, AttributeError):
             done = False
     _buffered = _buffered or done
+    return done
 
 
 def _limit_memory(megabytes: int | None) -> None:
@@ -451,6 +474,8 @@ _preloaded: set[str] = set()
 # After the child has sent its result, how long to keep reading output that
 # processes it started may still write to inherited stdout before we stop listening.
 _GRACE = 0.2
+# The longest the output of a block that has ended is read for.
+_DRAIN_MAX = 30.0
 
 
 class _Pipes:
@@ -464,11 +489,23 @@ class _Pipes:
         self.levels = {out_r: "INFO", err_r: "WARNING"}
         self.out_r, self.err_r, self.msg_r = out_r, err_r, msg_r
         self.marked: set[int] = set()  # the output pipes whose end-of-block mark came
+        self.results: list[dict] = []  # the block's result, once it has come
         self.lines = 0  # lines of stdout and stderr read so far
         self.next_flush = 0.0  # when to send the next SIGURG (see `_on_sigurg`)
+        self.last_read = 0.0  # when output last came
         for fd in self.buffers:
             os.set_blocking(fd, False)
             self.selector.register(fd, selectors.EVENT_READ)
+
+    def enlarge(self) -> None:
+        """Give a chatty block's output pipes room for more than a second of its lines
+        (Linux; 64 KiB by default), so that it goes on printing while its lines are being
+        stored instead of waiting on a full pipe."""
+        for fd in (self.out_r, self.err_r):
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHATTY_PIPE)
+            except (OSError, AttributeError):
+                pass  # past the user's share of pipe memory, or not Linux: the default stays
 
     def close(self) -> None:
         for fd in list(self.selector.get_map() or {}):
@@ -507,15 +544,20 @@ def _supervise(
             if deadline is not None and not killed_because:
                 waits.append(deadline - now)
             if ended_at is not None:
-                if now >= ended_at + _GRACE:
+                # What the block wrote before it ended may still be in the pipes (a
+                # chatty block's are large): read on while it comes, and then only as
+                # long as a process the block started might still be writing.
+                quiet_since = max(ended_at, pipes.last_read)
+                if now >= quiet_since + _GRACE or now >= ended_at + _DRAIN_MAX:
                     break
-                waits.append(ended_at + _GRACE - now)
+                waits.append(quiet_since + _GRACE - now)
             elif pipes.lines > CHATTY_LINES:
                 waits.append(pipes.next_flush - now)
             for key, _mask in selector.select(timeout=max(0.0, min(waits))):
                 fd = key.fd
                 chunk = os.read(fd, 65536)
                 if chunk:
+                    pipes.last_read = time.monotonic()
                     pipes.buffers[fd] = _split_lines(fd, pipes.buffers[fd] + chunk, pipes, pending)
                     continue
                 selector.unregister(fd)
@@ -527,12 +569,15 @@ def _supervise(
                     ended_at = time.monotonic()
                     # Anything the block started and left behind goes with it.
                     _kill_group(pid)
-            result = _pop_result(pending) or result
+            if pipes.results:
+                result = pipes.results.pop()
             if pending:
                 on_log(pending)
                 pending = []
             now = time.monotonic()
             if pipes.lines > CHATTY_LINES and ended_at is None and now >= pipes.next_flush:
+                if not pipes.next_flush:
+                    pipes.enlarge()
                 pipes.next_flush = now + FLUSH_EVERY
                 _signal(pid, signal.SIGURG)
             if deadline is not None and now >= deadline and not killed_because and ended_at is None:
@@ -566,40 +611,38 @@ def _supervise(
 def _split_lines(fd: int, data: bytes, pipes: _Pipes, pending: list) -> bytes:
     """Take the complete lines out of `data`, return the incomplete rest. Output lines
     longer than _MAX_LINE are cut; result and logger messages never are."""
-    *lines, rest = data.split(b"\n")
     if fd == pipes.msg_r:
+        *lines, rest = data.split(b"\n")
         for line in lines:
             _take_line(fd, line, pipes, pending)
         return rest
-    if len(rest) > _MAX_LINE:
-        lines.append(rest)
-        rest = b""
-    _take_output(fd, lines, pipes, pending)
-    return rest
+    end = data.rfind(b"\n")
+    if end < 0:
+        if len(data) <= _MAX_LINE:
+            return data
+        end = len(data)
+    _take_output(fd, data[:end], pipes, pending)
+    return data[end + 1:]
 
 
-def _take_output(fd: int, lines: list[bytes], pipes: _Pipes, pending: list) -> None:
-    """Lines of stdout or stderr as log lines. Lines that arrived together share one
-    timestamp: a chatty block's output comes thousands of lines to a read."""
-    pipes.lines += len(lines)
-    now = time.time()
-    level = pipes.levels[fd]
-    for line in lines:
-        if line == _MARK_LINE:
-            pipes.marked.add(fd)
-            continue
-        pending.append(LogLine(now, level, line.decode("utf-8", errors="replace").rstrip("\r")))
+_MARK_TEXT = END_MARK.rstrip(b"\n").decode()
 
 
-def _pop_result(pending: list) -> dict | None:
-    for i, item in enumerate(pending):
-        if isinstance(item, dict):
-            del pending[i]
-            return item
-    return None
-
-
-_MARK_LINE = END_MARK.rstrip(b"\n")
+def _take_output(fd: int, data: bytes, pipes: _Pipes, pending: list) -> None:
+    """Complete lines of stdout or stderr (without the last newline), the whole read as
+    one chunk."""
+    text = data.decode("utf-8", errors="replace")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if _MARK_TEXT in text:  # a block of a run in one process ended here
+        pipes.marked.add(fd)
+        messages = [message for message in text.split("\n") if message != _MARK_TEXT]
+        if not messages:
+            return
+        text = "\n".join(messages)
+    count = text.count("\n") + 1
+    pipes.lines += count
+    pending.append(LogChunk(time.time(), pipes.levels[fd], text, count))
 
 
 def _take_line(fd: int, line: bytes, pipes: _Pipes, pending: list) -> None:
@@ -609,11 +652,11 @@ def _take_line(fd: int, line: bytes, pipes: _Pipes, pending: list) -> None:
         except ValueError:
             return
         if message.get("t") == "result":
-            pending.append(message["result"])
+            pipes.results.append(message["result"])
         else:
             pending.append(LogLine(message.get("ts", time.time()), message.get("level", "INFO"), message.get("msg", "")))
         return
-    _take_output(fd, [line], pipes, pending)
+    _take_output(fd, line, pipes, pending)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -3,8 +3,10 @@ BlockSpec from its rows, the executor never reads the database."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import repeat
+from typing import Any, NamedTuple
 
 COMPLETED = "completed"
 FAILED = "failed"
@@ -53,11 +55,37 @@ class BlockSpec:
     memory_limit_mb: int | None = None
 
 
-@dataclass(slots=True)
-class LogLine:
+class LogLine(NamedTuple):
     timestamp: float
     level: str
     message: str
+
+
+class LogChunk(NamedTuple):
+    """Lines of stdout or stderr read together (`count` of them, separated by newlines in
+    `text`), which share a time and a level. The supervisor hands output on in chunks: a
+    block may print a million lines, and making an object of each line was most of what
+    keeping up with it cost."""
+
+    timestamp: float
+    level: str
+    text: str
+    count: int
+
+    def lines(self) -> list[LogLine]:
+        # tuple.__new__ through map: no Python call per line.
+        return list(map(tuple.__new__, repeat(LogLine), zip(repeat(self.timestamp), repeat(self.level), self.text.split("\n"))))  # type: ignore[arg-type]
+
+
+def log_lines(items: Iterable[LogLine | LogChunk]) -> list[LogLine]:
+    """What a log sink was given, line by line."""
+    out: list[LogLine] = []
+    for item in items:
+        if isinstance(item, LogChunk):
+            out.extend(item.lines())
+        else:
+            out.append(item)
+    return out
 
 
 @dataclass

@@ -17,21 +17,20 @@ slowed the block to 24-28 s).
 from __future__ import annotations
 
 import gzip
-import io
+import queue
+import threading
 import time
 from collections import deque
-from datetime import UTC, datetime
-from typing import IO
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from pipelines import variables
-from pipelines.execution import INTERRUPTED, ExecutionResult, LogLine
+from pipelines.execution import INTERRUPTED, ExecutionResult, LogChunk, LogLine, log_lines
 from runs import stopping
 from runs.models import BlockRun, BlockRunStatus, LogEntry
-from runs.orchestrator.sql import _lock_run_row, _log_row
+from runs.orchestrator.sql import _insert_log_lines, _lock_run_row
 
 S = BlockRunStatus
 
@@ -56,16 +55,21 @@ class LogWriter:
         self.fenced = False
         self.cap = settings.MILLRACE_LOG_LINES_PER_BLOCK
         self.head = self.cap - self.cap // 2
-        self.tail: deque[LogLine] = deque(maxlen=self.cap // 2)
+        # What came past the head, as it came (chunks of output, logger lines), oldest
+        # first, dropped from the left once the rest holds the tail's lines.
+        self.tail: deque[LogLine | LogChunk] = deque()
+        self.tail_lines = 0
         self.count = 0  # lines received in all
-        self.full: _FullLog | None = None  # the whole output, once past the head
+        self.full: _FullLog | None = None  # the whole output, once lines are left out
 
-    def add(self, lines: list[LogLine]) -> None:
-        if self.cap and self.count + len(lines) > self.head:
-            self._past_head(lines)
-        else:
-            self.lines.extend(lines)
-        self.count += len(lines)
+    def add(self, items: list[LogLine | LogChunk]) -> None:
+        for item in items:
+            size = item.count if isinstance(item, LogChunk) else 1
+            if self.cap and self.count + size > self.head:
+                self._past_head(item, size)
+            else:
+                self.lines.extend(item.lines() if isinstance(item, LogChunk) else (item,))
+            self.count += size
         if len(self.lines) >= self.BATCH or time.monotonic() - self.last >= self.EVERY:
             self.heartbeat()
 
@@ -97,42 +101,53 @@ class LogWriter:
         if not self.lines:
             return
         br = self.block_run
-        rows = [
-            _log_row(br.pipeline_run_id, br.pk, datetime.fromtimestamp(line.timestamp, tz=UTC), line.level, line.message, br.block_uuid, br.block_type, br.attempt)
-            for line in self.lines
-        ]
-        self.lines = []
-        LogEntry.objects.bulk_create(rows, batch_size=self.BATCH)
+        lines, self.lines = self.lines, []
+        _insert_log_lines(br.pipeline_run_id, br.pk, br.block_uuid, br.block_type, br.attempt, lines)
 
     def close(self, result: ExecutionResult) -> None:
         """The block has ended: queue what was held back (the tail) and, when lines were
         left out, a line saying which and where they are, finish the file and note both
         in the result's metrics. Called before the result's transaction (file I/O stays
         out of it)."""
+        tail = log_lines(self.tail)
         if self.full is None:
-            self.lines.extend(self.tail)  # no more than the cap: every line is stored
+            self.lines.extend(tail)  # no more than the cap: every line is stored
             return
         self.full.close()
-        left_out = self.count - self.head - len(self.tail)
+        tail = tail[len(tail) - self.cap // 2:]
+        left_out = self.count - self.head - len(tail)
         self.lines.append(LogLine(time.time(), "WARNING", (
             f"... {left_out:,} lines not stored here (lines {self.head + 1:,} to {self.head + left_out:,} of "
             f"{self.count:,}; MILLRACE_LOG_LINES_PER_BLOCK is {self.cap:,}): the whole output is in {self.full.key} "
             f"(GET /api/block_runs/{self.block_run.pk}/log_file)"
         )))
-        self.lines.extend(self.tail)
+        self.lines.extend(tail)
         result.metrics.update(log_lines=self.count, log_lines_left_out=left_out, log_file=self.full.key)
 
-    def _past_head(self, lines: list[LogLine]) -> None:
-        """Lines past the head wait in the tail; once they are more than it holds, the
-        whole output goes to a file as well."""
-        room = max(0, self.head - self.count)
-        self.lines.extend(lines[:room])
-        rest = lines[room:]
-        if self.full is None and self.count + len(lines) > self.cap:
-            self.full = self._start_full_log()
-        if self.full is not None:
-            self.full.write(rest)
-        self.tail.extend(rest)
+    def _past_head(self, item: LogLine | LogChunk, size: int) -> None:
+        """What comes past the head waits in the tail; once that is more than the cap
+        lets through, the whole output goes to a file as well."""
+        room = self.head - self.count
+        if room > 0:  # the item straddles the head: its first lines are the head's last
+            lines = item.lines() if isinstance(item, LogChunk) else [item]
+            self.lines.extend(lines[:room])
+            rest = lines[room:]
+            item = LogChunk(rest[0].timestamp, rest[0].level, "\n".join(line.message for line in rest), len(rest))
+            size = len(rest)
+        self.tail.append(item)
+        self.tail_lines += size
+        if self.full is None and self.count + size > self.cap:
+            self.full = self._start_full_log()  # the tail, with this item
+        elif self.full is not None:
+            self.full.write([item])
+        keep = self.cap // 2
+        while self.tail:  # whole items only: `close` cuts the tail to its size
+            first = self.tail[0]
+            first_size = first.count if isinstance(first, LogChunk) else 1
+            if self.tail_lines - first_size < keep:
+                break
+            self.tail.popleft()
+            self.tail_lines -= first_size
 
     def _start_full_log(self) -> _FullLog:
         """Open the file of the whole output with what came so far: the rows already
@@ -148,28 +163,44 @@ class LogWriter:
 
 class _FullLog:
     """A block run's whole output as gzip text, a line per log line: "time level message".
-    Compressed fast (level 1): it must keep up with a block printing as fast as it can."""
+
+    Compressing is the largest cost of a flood of lines, so a thread of its own does it
+    (zlib lets go of the interpreter while it compresses) while the supervisor goes on
+    reading the block's pipes; the supervisor only formats the lines."""
 
     def __init__(self, key: str):
         self.key = key
-        self.file: IO[str] = io.TextIOWrapper(
-            gzip.GzipFile(fileobj=variables.open_file(key, "wb"), mode="wb", compresslevel=1),
-            encoding="utf-8", errors="replace", write_through=False,
-        )
+        self._raw = variables.open_file(key, "wb")
+        self._gzip = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=1)
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._compress, name="millrace-log-file", daemon=True)
+        self._thread.start()
         self._second = -1
         self._stamp = ""
 
-    def write(self, lines: list[LogLine]) -> None:
+    def write(self, items: list[LogLine | LogChunk]) -> None:
         parts = []
-        for line in lines:
-            second = int(line.timestamp)
+        for item in items:
+            second = int(item.timestamp)
             if second != self._second:  # lines come thousands to a second
                 self._second = second
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-            parts.append(f"{self._stamp} {line.level} {line.message}\n")
-        self.file.write("".join(parts))
+            prefix = f"{self._stamp} {item.level} "
+            if isinstance(item, LogChunk):
+                # A chunk's lines share its time and level: one replace, not a format
+                # per line (a block may print a million lines).
+                parts.append(prefix + item.text.replace("\n", "\n" + prefix) + "\n")
+            else:
+                parts.append(f"{prefix}{item.message}\n")
+        if parts:
+            self._queue.put("".join(parts).encode("utf-8", "backslashreplace"))
+
+    def _compress(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._gzip.write(data)
 
     def close(self) -> None:
-        raw = self.file.buffer.fileobj  # type: ignore[attr-defined]
-        self.file.close()
-        raw.close()
+        self._queue.put(None)
+        self._thread.join()
+        self._gzip.close()
+        self._raw.close()

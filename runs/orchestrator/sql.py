@@ -10,13 +10,13 @@ import functools
 import os
 import socket
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
-from pipelines.execution import ExecutionResult
+from pipelines.execution import ExecutionResult, LogLine
 from pipelines.models import Pipeline
 from runs.models import (
     BlockRun,
@@ -252,3 +252,43 @@ def _log_row(
         pipeline_run_id=run_id, block_run_id=block_run_id, timestamp=ts, level=level[:10],
         message=message, block_uuid=block_uuid, block_type=block_type, attempt=attempt,
     )
+
+
+_LOG_COLUMNS = "(pipeline_run_id, block_run_id, timestamp, level, message, block_uuid, block_type, attempt)"
+_LOG_INSERT_SQL = f"INSERT INTO {LogEntry._meta.db_table} {_LOG_COLUMNS} VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+_LOG_COPY_SQL = f"COPY {LogEntry._meta.db_table} {_LOG_COLUMNS} FROM STDIN"
+
+
+def _insert_log_lines(
+    run_id: int, block_run_id: int, block_uuid: str, block_type: str, attempt: int, lines: list[LogLine],
+) -> None:
+    """Insert a block run's log lines by the fastest way each database has: COPY on
+    PostgreSQL, one prepared statement run for every row on SQLite. A model object per
+    line cost the worker more than the database spent on the rows (0.35 s for 5,000
+    lines, while the block waited on its full pipe), and long multi-row INSERTs spent
+    most of their time in psycopg parsing their own text."""
+    stamps: dict[float, Any] = {}
+    rows = []
+    for line in lines:
+        ts = stamps.get(line.timestamp)
+        if ts is None:  # lines read together share their timestamp
+            ts = stamps[line.timestamp] = datetime.fromtimestamp(line.timestamp, tz=UTC)
+        rows.append((run_id, block_run_id, ts, line.level[:10], _storable(line.message), block_uuid, block_type, attempt))
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            with cursor.cursor.copy(_LOG_COPY_SQL) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            adapt = connection.ops.adapt_datetimefield_value
+            cursor.executemany(_LOG_INSERT_SQL, [(*row[:2], adapt(row[2]), *row[3:]) for row in rows])
+
+
+def _storable(text: str) -> str:
+    """`text` as a text column holds it: PostgreSQL refuses NUL characters, and a lone
+    surrogate (which a block's logger can send) is not text either."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -18,7 +18,14 @@ import psutil
 import pytest
 
 from pipelines import variables
-from pipelines.execution import BlockSpec, ExecutionResult, LogLine, UpstreamInput, run_block
+from pipelines.execution import (
+    BlockSpec,
+    ExecutionResult,
+    LogLine,
+    UpstreamInput,
+    log_lines,
+    run_block,
+)
 from pipelines.execution.python import (
     _parameters,
     _parameters_inspected,
@@ -51,7 +58,7 @@ def run(
         content=textwrap.dedent(code), configuration=configuration or {}, inputs=inputs or [],
         kwargs=kwargs or {}, output_prefix=f"runs/1/{uuid}", timeout=timeout,
     )
-    result = run_block(spec, on_log=logs.extend, on_tick=on_tick, tick=tick)
+    result = run_block(spec, on_log=lambda items: logs.extend(log_lines(items)), on_tick=on_tick, tick=tick)
     return result, logs
 
 

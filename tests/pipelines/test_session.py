@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from pipelines import variables
-from pipelines.execution import BlockSpec, LogLine, Session, UpstreamInput, run_block
+from pipelines.execution import BlockSpec, LogLine, Session, UpstreamInput, log_lines, run_block
 from tests.pipelines.test_execution import is_gone
 
 pytestmark = pytest.mark.sqlite
@@ -25,7 +25,7 @@ def spec(uuid: str, code: str, *, inputs: list[UpstreamInput] | None = None, **f
 
 def run_in(session: Session, block: BlockSpec) -> tuple[object, list[str]]:
     lines: list[LogLine] = []
-    result = run_block(block, on_log=lines.extend, session=session)
+    result = run_block(block, on_log=lambda items: lines.extend(log_lines(items)), session=session)
     return result, [line.message for line in lines]
 
 

@@ -7,6 +7,7 @@ Python error or a silent wait."""
 from __future__ import annotations
 
 import gzip
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,22 @@ def test_a_sync_run_says_what_it_waits_for(settings):
     assert len(told) == 1
     assert told[0].startswith("waiting for a slot: the 1 block runs allowed at once (MILLRACE_CONCURRENCY)")
     assert f"run(s) {holder.pk}" in told[0] and "1 of them queued for a worker" in told[0]
+
+
+def test_output_still_in_the_pipes_when_the_block_ends_is_all_read(tmp_path):
+    """A chatty block's pipes hold a megabyte each; when the block ends with them full
+    and its lines are stored slowly, every line must still be read (the supervisor used
+    to stop reading 0.2 s after the block's result)."""
+    from pipelines.execution import BlockSpec, log_lines, run_block
+
+    received: list[str] = []
+
+    def slow_store(items) -> None:
+        time.sleep(0.05)  # a busy database
+        received.extend(line.message for line in log_lines(items))
+
+    code = "@data_loader\ndef load(*args, **kwargs):\n    for i in range(100_000):\n        print(i)\n"
+    spec = BlockSpec("drain", "load", "data_loader", "python", code, data_dir=str(tmp_path), output_prefix="x")
+    result = run_block(spec, on_log=slow_store)
+    assert result.status == "completed", result.error
+    assert received == [str(i) for i in range(100_000)]
