@@ -104,6 +104,8 @@ api_urlpatterns = [
     path("pipeline_runs/", runs_api.PipelineRunList.as_view()),
     path("pipeline_runs/<int:pk>", runs_api.PipelineRunDetail.as_view(), name="api-pipeline-run"),
     path("pipeline_runs/<int:pk>/", runs_api.PipelineRunDetail.as_view()),
+    path("block_runs/<int:pk>/log_file", runs_api.BlockRunLogFile.as_view(), name="api-block-run-log-file"),
+    path("block_runs/<int:pk>/log_file/", runs_api.BlockRunLogFile.as_view()),
     *triggers_api,
 ]
 

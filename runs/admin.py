@@ -24,7 +24,7 @@ from config.permissions import EDITORS_GROUP, user_can_edit
 from pipelines.admin import ViewOnly, json_pre
 from pipelines.models import BlockType, Pipeline
 from runs import services
-from runs.models import BlockRun, BlockRunStatus, LogEntry, PipelineRun, RunAction
+from runs.models import BlockRun, BlockRunStatus, Heartbeat, LogEntry, PipelineRun, RunAction
 
 LOG_TAIL_LINES = 200
 # A fan-out can give a run thousands of block runs; the run page shows the first ones
@@ -392,7 +392,30 @@ class BlockRunAdmin(ReadOnlyAdmin):
     @admin.display(description="logs")
     def logs_link(self, br: BlockRun) -> str:
         url = reverse("admin:runs_logentry_changelist") + f"?pipeline_run={br.pipeline_run_id}&block_uuid={br.block_uuid}"
-        return format_html('<a href="{}">Log lines of this block in this run</a>', url)
+        link = format_html('<a href="{}">Log lines of this block in this run</a>', url)
+        if isinstance(br.metrics, dict) and br.metrics.get("log_file"):
+            # Past MILLRACE_LOG_LINES_PER_BLOCK only the head and tail are log lines.
+            file_url = reverse("api-block-run-log-file", args=[br.pk])
+            left_out = br.metrics.get("log_lines_left_out")
+            link += format_html(
+                ' &middot; <a href="{}">the whole output</a> ({} lines not stored as log lines)', file_url,
+                f"{left_out:,}" if isinstance(left_out, int) else "some",
+            )
+        return link
+
+
+@admin.register(Heartbeat)
+class HeartbeatAdmin(ReadOnlyAdmin):
+    """The worker clusters and schedulers that say they are alive (`manage.py health`
+    reads the same rows)."""
+
+    list_display = ("kind", "name", "host", "pid", "started_at", "beat_at", "stopping_since", "info_pre")
+    list_filter = ("kind",)
+    ordering = ("kind", "host", "pid")
+
+    @admin.display(description="info")
+    def info_pre(self, beat: Heartbeat) -> str:
+        return json_pre(beat.info)
 
 
 @admin.register(LogEntry)

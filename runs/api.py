@@ -11,13 +11,17 @@ from typing import Any
 import django_filters
 from django import forms
 from django.db.models import Prefetch, QuerySet
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import generics, serializers
+from rest_framework import exceptions, generics, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from config.api import envelope, envelope_schema
+from config.api import ErrorSerializer, envelope, envelope_schema
 from config.permissions import CanView
+from pipelines import variables
 from runs.models import BlockRun, PipelineRun, PipelineRunStatus, RunType
 
 
@@ -123,3 +127,27 @@ class PipelineRunDetail(generics.RetrieveAPIView):
     @extend_schema(responses=envelope_schema("pipeline_run", PipelineRunDetailSerializer))
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return envelope("pipeline_run", self.get_serializer(self.get_object()).data)
+
+
+class BlockRunLogFile(APIView):
+    """`GET /api/block_runs/<id>/log_file`: the whole output of a block run whose lines
+    passed MILLRACE_LOG_LINES_PER_BLOCK (only its head and tail are stored as log
+    entries), as a gzip file of text lines "time level message". 404 when nothing was
+    left out, or when the file has been cleaned up with the run's outputs."""
+
+    permission_classes = [CanView]
+
+    @extend_schema(responses={(200, "application/gzip"): OpenApiTypes.BINARY, 404: ErrorSerializer})
+    def get(self, request: Request, pk: int) -> FileResponse:
+        row = BlockRun.objects.filter(pk=pk).values("pipeline_run_id", "block_uuid", "attempt", "metrics").first()
+        if row is None:
+            raise exceptions.NotFound("No block run with this id.")
+        key = (row["metrics"] or {}).get("log_file") if isinstance(row["metrics"], dict) else None
+        if not isinstance(key, str) or not key:
+            raise exceptions.NotFound("This block run has no log file: every line of its output is stored as a log entry.")
+        try:
+            handle = variables.open_file(key)
+        except (FileNotFoundError, variables.VariableError):
+            raise exceptions.NotFound("This block run's log file has been removed (with its outputs).") from None
+        name = f"run-{row['pipeline_run_id']}-{row['block_uuid']}-attempt-{row['attempt']}.log.gz"
+        return FileResponse(handle, as_attachment=True, filename=name, content_type="application/gzip")

@@ -163,3 +163,54 @@ def test_output_still_in_the_pipes_when_the_block_ends_is_all_read(tmp_path):
     result = run_block(spec, on_log=slow_store)
     assert result.status == "completed", result.error
     assert received == [str(i) for i in range(100_000)]
+
+
+def test_run_pipeline_says_when_nothing_will_run_its_blocks():
+    import io
+
+    from django.core.management import call_command
+
+    make_pipeline("idle", [("a", "data_loader", block_code("data_loader", "return 1"))])
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(SystemExit):
+        call_command("run_pipeline", "idle", "--timeout", "1.5", stdout=out, stderr=err)
+    assert ": its blocks are queued, and no worker cluster is running: start one (manage.py qcluster), or run with --sync" in err.getvalue()
+    assert out.getvalue().splitlines()[-1].endswith(" running")
+
+
+def test_the_whole_output_is_downloadable_by_a_viewer(settings):
+    from rest_framework.test import APIClient
+
+    from tests.helpers import api_client, user_in
+
+    settings.MILLRACE_LOG_LINES_PER_BLOCK = 10
+    pipeline = make_pipeline("download", [
+        ("loud", "data_loader", block_code("data_loader", "for i in range(100):\n    print(f'line {i}')\nreturn 1")),
+        ("quiet", "data_loader", block_code("data_loader", "print('one line')\nreturn 1")),
+    ])
+    run = _run(pipeline)
+    loud, quiet = run.block_runs.get(block_uuid="loud"), run.block_runs.get(block_uuid="quiet")
+    viewer = api_client(user_in("viewer", "viewers"))
+
+    response = viewer.get(f"/api/block_runs/{loud.pk}/log_file")
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/gzip"
+    assert f'filename="run-{run.pk}-loud-attempt-1.log.gz"' in response["Content-Disposition"]
+    text = gzip.decompress(b"".join(response.streaming_content)).decode()
+    assert [line.split(" ", 3)[3] for line in text.splitlines()] == [f"line {i}" for i in range(100)]
+    missing = viewer.get(f"/api/block_runs/{quiet.pk}/log_file")
+    assert missing.status_code == 404 and "every line of its output is stored" in missing.json()["error"]["message"]
+    assert viewer.get("/api/block_runs/999999/log_file").status_code == 404
+    assert APIClient().get(f"/api/block_runs/{loud.pk}/log_file").status_code == 401
+
+
+def test_the_admin_links_a_capped_block_run_to_its_whole_output(settings, client):
+    from django.contrib.auth import get_user_model
+
+    settings.MILLRACE_LOG_LINES_PER_BLOCK = 10
+    pipeline = make_pipeline("adminlink", [("loud", "data_loader", block_code("data_loader", "for i in range(100):\n    print(i)\nreturn 1"))])
+    br = _run(pipeline).block_runs.get()
+    client.force_login(get_user_model().objects.create_superuser("root", password="pw"))
+    page = client.get(f"/admin/runs/blockrun/{br.pk}/change/").content.decode()
+    assert f'href="/api/block_runs/{br.pk}/log_file"' in page and "(90 lines not stored as log lines)" in page

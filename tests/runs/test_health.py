@@ -127,3 +127,14 @@ def test_make_run_stops_on_ctrl_c_within_3_s_with_nothing_force_killed(tmp_path)
         assert f"{name} stopped" in text, text
     assert "worker.1 stopped (rc=0)" in text and "scheduler.1 stopped (rc=0)" in text
     assert "cluster" in text and " stopped\n" in text.replace("\r", "")
+
+
+@pytest.mark.django_db
+@pytest.mark.sqlite
+def test_the_admin_lists_the_heartbeats(client):
+    from django.contrib.auth import get_user_model
+
+    _beat("cluster", "abc123", 1, workers=4)
+    client.force_login(get_user_model().objects.create_superuser("root", password="pw"))
+    page = client.get("/admin/runs/heartbeat/")
+    assert page.status_code == 200 and "abc123" in page.content.decode()

@@ -54,7 +54,15 @@ class Command(BaseCommand):
         variables = _parse_vars(opts["runtime_vars"])
         run = orchestrator.run_create(pipeline, variables=variables, start=not opts["sync"])
         self.stdout.write(f"Run {run.pk} of {pipeline.uuid} created")
-        run = run_execute_sync(run) if opts["sync"] else run_wait(run, timeout=opts["timeout"])
+
+        def waiting(reason: str) -> None:
+            # On stderr, so that it does not mix with the report on stdout.
+            self.stderr.write(f"Run {run.pk}: {reason}")
+
+        if opts["sync"]:
+            run = run_execute_sync(run, on_wait=waiting)
+        else:
+            run = run_wait(run, timeout=opts["timeout"], on_wait=waiting)
         self._report(run)
         if run.status != PipelineRunStatus.COMPLETED:
             raise SystemExit(1)
