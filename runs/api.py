@@ -130,10 +130,10 @@ class PipelineRunDetail(generics.RetrieveAPIView):
 
 
 class BlockRunLogFile(APIView):
-    """`GET /api/block_runs/<id>/log_file`: the whole output of a block run whose lines
-    passed MILLRACE_LOG_LINES_PER_BLOCK (only its head and tail are stored as log
-    entries), as a gzip file of text lines "time level message". 404 when nothing was
-    left out, or when the file has been cleaned up with the run's outputs."""
+    """The whole output of a block run that printed more lines than
+    MILLRACE_LOG_LINES_PER_BLOCK (of which only the first and last are kept as log
+    lines), as a gzip file of text lines "time level message". 404 when no line was
+    left out, or when the file was cleaned up with the run's outputs."""
 
     permission_classes = [CanView]
 

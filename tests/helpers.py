@@ -46,6 +46,15 @@ def api_client(user):
     return client
 
 
+def write_files(root: Path, files: dict[str, str | bytes]) -> None:
+    """Write `files` ({path relative to root: text or bytes}) under `root` (a Mage
+    project, say), making folders as needed."""
+    for relpath, content in files.items():
+        path = root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
 def make_pipeline(uuid: str, blocks: Iterable[Sequence], **fields) -> Pipeline:
     """blocks: (uuid, type, code[, [upstream uuids]]) in creation order."""
     pipeline = services.pipeline_create(uuid=uuid, **fields)

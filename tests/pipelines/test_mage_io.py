@@ -18,7 +18,7 @@ from pipelines import services
 from pipelines.mage_format import MageFormatError, export_pipeline, import_project
 from pipelines.models import Block, BlockEdge, Pipeline
 from pipelines.selectors import pipeline_graph
-from tests.helpers import ROOT, database_url
+from tests.helpers import ROOT, database_url, write_files
 
 LOAD = """if 'data_loader' not in globals():
     from mage_ai.data_preparation.decorators import data_loader
@@ -143,17 +143,12 @@ blocks:
 """
 
 
-def write(root: Path, files: dict[str, str | bytes]) -> None:
-    for relpath, content in files.items():
-        path = root / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     root = tmp_path / "demo_project"
-    write(root, {
+    write_files(root, {
         "metadata.yaml": "project_uuid: abc123\nvariables_dir: ~/.mage_data\n",
         "pipelines/etl/__init__.py": "",
         "pipelines/etl/metadata.yaml": ETL_METADATA,
@@ -276,7 +271,7 @@ def test_import_reads_the_block_file_named_by_file_source_or_file_path(project):
 @pytest.mark.sqlite
 @pytest.mark.django_db
 def test_import_accepts_a_minimal_project_without_its_metadata_yaml(tmp_path):
-    write(tmp_path, {
+    write_files(tmp_path, {
         "pipelines/tiny/metadata.yaml": "blocks:\n- {uuid: load, type: data_loader}\n",
         "data_loaders/load.py": LOAD,
     })
@@ -292,7 +287,7 @@ def test_import_accepts_a_minimal_project_without_its_metadata_yaml(tmp_path):
 @pytest.mark.django_db
 def test_the_folder_name_is_the_pipeline_uuid_as_in_mage(tmp_path):
     # A copied pipeline folder whose file still says the old uuid.
-    write(tmp_path, {"pipelines/copy_of_etl/metadata.yaml": "uuid: etl\nname: ETL\nblocks: []\n"})
+    write_files(tmp_path, {"pipelines/copy_of_etl/metadata.yaml": "uuid: etl\nname: ETL\nblocks: []\n"})
 
     [pipeline] = import_project(tmp_path)
 
@@ -329,7 +324,7 @@ def test_reimport_updates_pipelines_in_place(project):
     del blocks["q"]
     blocks["extra_step"] = {"uuid": "extra_step", "type": "custom", "upstream_blocks": ["load"]}
     metadata["blocks"] = list(blocks.values())
-    write(project, {
+    write_files(project, {
         "pipelines/etl/metadata.yaml": yaml.safe_dump(metadata),
         "transformers/load.py": CLEAN.replace("x > 1", "x > 2"),
         "data_loaders/clean.py": LOAD,
@@ -377,7 +372,7 @@ def _break(project: Path, case: str) -> None:
         etl.write_text(ETL_METADATA.replace("  uuid: notes", "  uuid: load"))
     elif case == "bad_pipeline_type":
         # Refused by the services inside the transaction, after `etl` was already written.
-        write(project, {"pipelines/zzz/metadata.yaml": "type: integration\nblocks: []\n"})
+        write_files(project, {"pipelines/zzz/metadata.yaml": "type: integration\nblocks: []\n"})
     elif case == "bad_timeout":
         (project / "pipelines/other/metadata.yaml").write_text(other_metadata(project.name) + "  timeout: -5\n")
     elif case == "path_outside_project":

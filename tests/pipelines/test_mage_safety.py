@@ -19,6 +19,7 @@ from pipelines import mage_format, services
 from pipelines.mage_format import MageFormatError, definition_hash, export_pipeline, import_project
 from pipelines.models import Block, BlockEdge, Pipeline
 from pipelines.selectors import pipeline_graph
+from tests.helpers import write_files
 
 pytestmark = pytest.mark.sqlite
 
@@ -35,17 +36,12 @@ blocks:
 OTHER = "name: Other\nblocks:\n- {uuid: load, type: data_loader}\n"
 
 
-def write(root: Path, files: dict[str, str | bytes]) -> None:
-    for relpath, content in files.items():
-        path = root / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     root = tmp_path / "proj"
-    write(root, {
+    write_files(root, {
         "metadata.yaml": "project_uuid: abc\n",
         "pipelines/etl/metadata.yaml": ETL,
         "pipelines/other/metadata.yaml": OTHER,
@@ -226,8 +222,8 @@ def test_a_hostile_file_is_refused_naming_it_and_nothing_changes(project, case, 
     import_project(project)
     before = rows()
     # A change that would show if anything were written.
-    write(project, {"transformers/clean.py": CLEAN.replace("return data", "return data[:1]")})
-    write(project, files)
+    write_files(project, {"transformers/clean.py": CLEAN.replace("return data", "return data[:1]")})
+    write_files(project, files)
     started = time.monotonic()
 
     with pytest.raises(CommandError) as caught:
@@ -241,7 +237,7 @@ def test_a_hostile_file_is_refused_naming_it_and_nothing_changes(project, case, 
 
 @pytest.mark.django_db
 def test_a_billion_laughs_file_imports_nothing_into_an_empty_database(project):
-    write(project, {"pipelines/zz/metadata.yaml": laughs(9)})
+    write_files(project, {"pipelines/zz/metadata.yaml": laughs(9)})
 
     with pytest.raises(MageFormatError, match=r"^pipelines/zz/metadata.yaml: too many values \(line \d+, column \d+\)"):
         import_project(project)
@@ -251,7 +247,7 @@ def test_a_billion_laughs_file_imports_nothing_into_an_empty_database(project):
 
 @pytest.mark.django_db
 def test_a_60_level_document_imports_and_exports_unchanged(project, tmp_path):
-    write(project, {"pipelines/zz/metadata.yaml": _deep_variables(60)})
+    write_files(project, {"pipelines/zz/metadata.yaml": _deep_variables(60)})
 
     import_project(project)
 
@@ -276,7 +272,7 @@ def test_keep_edited_imports_a_project_into_an_empty_database(project):
 @pytest.mark.django_db
 def test_keep_edited_reimports_an_unchanged_pipeline_with_the_new_files(project):
     call("import_mage_project", str(project))
-    write(project, {
+    write_files(project, {
         "transformers/clean.py": CLEAN.replace("return data", "return data[:2]"),
         "pipelines/etl/metadata.yaml": ETL.replace("env: dev", "env: prod"),
     })
@@ -315,7 +311,7 @@ def test_keep_edited_leaves_an_edited_pipeline_as_it_is(project, edit):
     call("import_mage_project", str(project))
     edit(Pipeline.objects.get(uuid="etl"))
     edited = state("etl")
-    write(project, {
+    write_files(project, {
         "transformers/clean.py": CLEAN.replace("return data", "return data[:2]"),
         "data_loaders/load.py": LOAD.replace("[1, 2, 3]", "[4]"),  # used by both pipelines
     })
@@ -342,7 +338,7 @@ def test_without_keep_edited_an_edited_pipeline_is_overwritten_and_recorded(proj
     assert etl.blocks.get(uuid="clean").content == CLEAN and etl.description == ""
     assert etl.imported_hash == definition_hash(etl)
     # Recorded, so that the next --keep-edited run takes the files again.
-    write(project, {"transformers/clean.py": CLEAN.replace("return data", "return data[:2]")})
+    write_files(project, {"transformers/clean.py": CLEAN.replace("return data", "return data[:2]")})
     assert "left" not in call("import_mage_project", "--keep-edited", str(project))
     assert etl.blocks.get(uuid="clean").content.endswith("return data[:2]\n")
 
@@ -363,7 +359,7 @@ def test_keep_edited_leaves_a_pipeline_made_in_millrace_with_the_same_uuid(proje
 def test_keep_edited_is_all_or_nothing_too(project):
     call("import_mage_project", str(project))
     before = rows()
-    write(project, {
+    write_files(project, {
         "transformers/clean.py": CLEAN.replace("return data", "return data[:2]"),
         "pipelines/zz/metadata.yaml": "variables: {x: .nan}\n",
     })
@@ -386,7 +382,7 @@ def test_the_fingerprint_is_not_exported(project, tmp_path):
 
 @pytest.mark.django_db
 def test_the_fingerprint_changes_with_the_code_of_an_attached_callback(project):
-    write(project, {
+    write_files(project, {
         "pipelines/etl/metadata.yaml": ETL + "callbacks:\n- {uuid: notify, type: callback}\n",
         "callbacks/notify.py": "@callback('success')\ndef notify(*a, **k):\n    pass\n",
     })
