@@ -214,3 +214,18 @@ def test_the_admin_links_a_capped_block_run_to_its_whole_output(settings, client
     client.force_login(get_user_model().objects.create_superuser("root", password="pw"))
     page = client.get(f"/admin/runs/blockrun/{br.pk}/change/").content.decode()
     assert f'href="/api/block_runs/{br.pk}/log_file"' in page and "(90 lines not stored as log lines)" in page
+
+
+def test_log_lines_the_database_cannot_hold_are_stored_escaped():
+    """PostgreSQL refuses a NUL character in text, and a lone surrogate is not text:
+    a block that prints one must not lose its log (or its run)."""
+    pipeline = make_pipeline("odd", [("odd", "data_loader", block_code("data_loader", """
+print("before\\x00after")
+kwargs["logger"].info("half \\ud800 a pair")
+return 1
+"""))])
+    run = _run(pipeline)
+    assert run.status == "completed"
+    messages = list(LogEntry.objects.filter(pipeline_run=run, block_uuid="odd").values_list("message", flat=True))
+    assert "before\\x00after" in messages
+    assert "half \\ud800 a pair" in messages
