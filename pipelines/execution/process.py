@@ -533,6 +533,7 @@ def _supervise(
     next_tick = started + tick
     ended_at: float | None = None  # when the message pipe closed (the child is done)
     pending: list = []
+    read_some = False
     alive = False
     try:
         while selector.get_map():
@@ -557,7 +558,7 @@ def _supervise(
                 fd = key.fd
                 chunk = os.read(fd, 65536)
                 if chunk:
-                    pipes.last_read = time.monotonic()
+                    read_some = True
                     pipes.buffers[fd] = _split_lines(fd, pipes.buffers[fd] + chunk, pipes, pending)
                     continue
                 selector.unregister(fd)
@@ -575,6 +576,8 @@ def _supervise(
                 on_log(pending)
                 pending = []
             now = time.monotonic()
+            if read_some:  # quiet is counted from here: storing lines is not quiet
+                pipes.last_read, read_some = now, False
             if pipes.lines > CHATTY_LINES and ended_at is None and now >= pipes.next_flush:
                 if not pipes.next_flush:
                     pipes.enlarge()
