@@ -105,7 +105,7 @@ class PipelineRun(models.Model):
 
     def __str__(self) -> str:
         # The pipeline's uuid, not its database id: this is the admin's page title.
-        return f"run {self.pk} of {self.pipeline.uuid} ({self.status})"
+        return f"run {self.pk} of {self.pipeline.uuid if self.pipeline_id else '?'} ({self.status})"
 
     @property
     def is_terminal(self) -> bool:

@@ -112,7 +112,8 @@ class Backfill(models.Model):
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"backfill {self.pk} of {self.pipeline_id} ({self.status})"
+        # The pipeline's uuid, not its database id: this is the admin's page title.
+        return f"backfill {self.pk} of {self.pipeline.uuid if self.pipeline_id else '?'} ({self.status})"
 
 
 class Event(models.Model):
@@ -148,4 +149,4 @@ class ApiRequest(models.Model):
         constraints = [models.UniqueConstraint(fields=["trigger", "key"], name="apirequest_unique_key")]
 
     def __str__(self) -> str:
-        return f"API call {self.key!r} to trigger {self.trigger_id}"
+        return f"API call {self.key!r} to trigger {self.trigger.name if self.trigger_id else '?'}"

@@ -138,3 +138,16 @@ def test_the_admin_lists_the_heartbeats(client):
     client.force_login(get_user_model().objects.create_superuser("root", password="pw"))
     page = client.get("/admin/runs/heartbeat/")
     assert page.status_code == 200 and "abc123" in page.content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.sqlite
+def test_admin_titles_name_pipelines_by_uuid():
+    from triggers import services as triggers
+
+    run = orchestrator.run_create(chain("titled", 1), start=False)
+    from datetime import date
+
+    backfill = triggers.backfill_create(pipeline=run.pipeline, start=date(2026, 1, 1), end=date(2026, 1, 2), interval="@daily")
+    assert str(run) == f"run {run.pk} of titled (initial)"
+    assert str(backfill).startswith(f"backfill {backfill.pk} of titled (")
