@@ -43,7 +43,12 @@ def output_prefix(run_id: int, block_uuid: str, claim: str) -> str:
 
 
 class LogWriter:
-    BATCH = 500
+    # Lines are written every EVERY seconds, or as soon as this many wait (which bounds
+    # the memory of an uncapped flood): the supervisor stops reading the block's pipes
+    # while it writes, so a flood of lines is better written late and at once than in
+    # many small writes that each hold the block up.
+    BATCH = 50_000
+    HEAD_KEPT = 8 * 1024 * 1024  # characters
     EVERY = 0.5  # seconds
 
     def __init__(self, block_run: BlockRun, claim: str):
@@ -61,6 +66,10 @@ class LogWriter:
         self.tail_lines = 0
         self.count = 0  # lines received in all
         self.full: _FullLog | None = None  # the whole output, once lines are left out
+        # The head's lines as written, kept (up to HEAD_KEPT bytes) for the file, which
+        # would otherwise read them back from the database.
+        self.written: list[LogLine] | None = []
+        self.written_bytes = 0
 
     def add(self, items: list[LogLine | LogChunk]) -> None:
         for item in items:
@@ -103,6 +112,9 @@ class LogWriter:
         br = self.block_run
         lines, self.lines = self.lines, []
         _insert_log_lines(br.pipeline_run_id, br.pk, br.block_uuid, br.block_type, br.attempt, lines)
+        if self.written is not None and self.full is None:
+            self.written_bytes += sum(len(line.message) for line in lines)
+            self.written = self.written + lines if self.written_bytes <= self.HEAD_KEPT else None
 
     def close(self, result: ExecutionResult) -> None:
         """The block has ended: queue what was held back (the tail) and, when lines were
@@ -154,8 +166,12 @@ class LogWriter:
         stored, those waiting, and the tail (which has dropped nothing yet)."""
         br = self.block_run
         full = _FullLog(f"{output_prefix(br.pipeline_run_id, br.block_uuid, self.claim)}/{LOG_FILE}")
-        stored = LogEntry.objects.filter(block_run_id=br.pk, attempt=br.attempt).order_by("id")
-        full.write([LogLine(ts.timestamp(), level, message) for ts, level, message in stored.values_list("timestamp", "level", "message")])
+        if self.written is not None:
+            full.write(self.written)
+        else:  # a head too big to keep
+            stored = LogEntry.objects.filter(block_run_id=br.pk, attempt=br.attempt).order_by("id")
+            full.write([LogLine(ts.timestamp(), level, message) for ts, level, message in stored.values_list("timestamp", "level", "message")])
+        self.written = None
         full.write(self.lines)
         full.write(list(self.tail))
         return full
