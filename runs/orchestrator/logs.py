@@ -114,7 +114,10 @@ class LogWriter:
         _insert_log_lines(br.pipeline_run_id, br.pk, br.block_uuid, br.block_type, br.attempt, lines)
         if self.written is not None and self.full is None:
             self.written_bytes += sum(len(line.message) for line in lines)
-            self.written = self.written + lines if self.written_bytes <= self.HEAD_KEPT else None
+            if self.written_bytes <= self.HEAD_KEPT:
+                self.written.extend(lines)
+            else:
+                self.written = None
 
     def close(self, result: ExecutionResult) -> None:
         """The block has ended: queue what was held back (the tail) and, when lines were
