@@ -47,7 +47,7 @@ from django.utils import timezone
 from django_q import cluster as q_cluster
 from django_q.conf import Conf
 
-from pipelines.execution.forkserver import libc_function
+from pipelines.execution.libc import libc_function
 from runs import orchestrator, stopping
 from runs.models import HeartbeatKind
 from runs.orchestrator.sql import CLUSTER_ENV

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from pipelines.execution.libc import libc_function
+
 _ENTRY = "import sys; from pipelines.execution.forkserver import main; main(sys.argv)"
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -280,17 +282,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def libc_function(name: str) -> Callable[..., int] | None:
-    """A C library function through ctypes, or None where there is none. Looked up once
-    in the server, so a child pays only the call."""
-    try:
-        import ctypes
-
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-
-
 _prctl = libc_function("prctl")
 _PR_SET_PDEATHSIG = 1
 
@@ -308,11 +299,11 @@ def main(argv: list[str]) -> None:
         os.environ["PYTHONPATH"] = own_path[1:]
     module, _, name = run_path.partition(":")
     run = getattr(importlib.import_module(module), name)
-    from pipelines.execution.process import _child_main, server_prepare
+    from pipelines.execution.child import child_main, server_prepare
 
     server_prepare(run)
     _Server(
         socket.socket(fileno=fd),
-        lambda spec_fd, msg_fd: _child_main(spec_fd, msg_fd, run),
+        lambda spec_fd, msg_fd: child_main(spec_fd, msg_fd, run),
     ).serve()
 
