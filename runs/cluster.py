@@ -175,7 +175,7 @@ def _stop(cluster: q_cluster.Cluster, name: str, beat: _Beat, grace: float) -> i
     cluster.stop_event.set()
     while cluster.sentinel.is_alive():
         # A second signal shortens the grace: the margin counts from the deadline now.
-        if stopping.grace_over() and time.monotonic() > _deadline() + STOP_MARGIN:
+        if stopping.grace_over() and time.monotonic() > stopping.deadline() + STOP_MARGIN:
             log.error("cluster %s did not stop within the grace; killing what is left", name)
             _kill_tree(cluster.sentinel.pid)
             _recover(name, beat, "its worker cluster was stopped and did not finish in time", interrupted=True)
@@ -184,10 +184,6 @@ def _stop(cluster: q_cluster.Cluster, name: str, beat: _Beat, grace: float) -> i
     beat.end()
     log.info("cluster %s stopped", name)
     return 0
-
-
-def _deadline() -> float:
-    return stopping._deadline.value
 
 
 def _kill_tree(pid: int) -> None:

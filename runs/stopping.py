@@ -34,6 +34,11 @@ def grace_over() -> bool:
     return _deadline.value > 0 and time.monotonic() >= _deadline.value
 
 
+def deadline() -> float:
+    """The monotonic time at which running blocks are handed back (0: not stopping)."""
+    return _deadline.value
+
+
 def reset() -> None:
     """Forget a stop (tests that stop and start clusters in one process)."""
     _deadline.value = 0.0

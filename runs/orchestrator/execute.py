@@ -195,7 +195,7 @@ def _finish(
     if result.status == INTERRUPTED:
         return _hand_back(block_run, claim, result, logs, now), None
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
-    retry_at = _retry_at(block_run, now) if status == S.FAILED else None
+    retry_at, not_retried = _retry_at(block_run, now) if status == S.FAILED else (None, "")
     # The run as the caller holds it (with its pipeline), if it does: then only what can
     # have changed is read again.
     known = block_run.pipeline_run if BlockRun.pipeline_run.is_cached(block_run) else None
@@ -221,6 +221,12 @@ def _finish(
             return [], None
         if logs is not None:
             logs.write()
+        if not_retried:
+            LogEntry.objects.create(
+                pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="WARNING",
+                message=not_retried, block_uuid=block_run.block_uuid, block_type=block_run.block_type,
+                attempt=block_run.attempt,
+            )
         if status == S.FAILED:
             then = f"; attempt {block_run.attempt + 1} at {retry_at:%H:%M:%S} UTC" if retry_at else ""
             LogEntry.objects.create(

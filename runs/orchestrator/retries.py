@@ -12,7 +12,6 @@ from pipelines.selectors import pipeline_definition
 from runs.models import (
     BlockRun,
     BlockRunStatus,
-    LogEntry,
     PipelineRun,
 )
 from runs.orchestrator.advance import advance
@@ -41,31 +40,26 @@ def retry_delay(attempt: int, delay: float, exponential: bool, max_delay: float 
     return min(wait, max_delay) if max_delay is not None else wait
 
 
-def _retry_at(block_run: BlockRun, now: datetime) -> datetime | None:
+def _retry_at(block_run: BlockRun, now: datetime) -> tuple[datetime | None, str]:
     """When the next attempt of a failed block run is due, or None when it has used its
-    retries (`retries: 0` means exactly one attempt, a timeout included). A retry config
-    that cannot be read (stored before it was validated) means no retry, said in the
-    run's log: the failure is recorded either way."""
+    retries (`retries: 0` means exactly one attempt, a timeout included); and, when its
+    retry config cannot be read (stored before it was validated), why it is not retried,
+    for the caller to log with the failure it records."""
     run = block_run.pipeline_run
     block = pipeline_definition(run.pipeline_id, run.pipeline.version).blocks.get(block_run.block_uuid)
     if block is None:
-        return None
+        return None, ""
     try:
         retries, delay, exponential, max_delay = retry_policy(block.retry_config, run.pipeline.retry_config)
         attempt = max(block_run.attempt - block_run.attempt_base, 1)
         if attempt > retries:
-            return None
+            return None, ""
         # Capped: a delay past what a datetime holds (exponential backoff over many
         # attempts) waits the longest a timedelta can.
         wait = min(retry_delay(attempt, delay, exponential, max_delay), _LONGEST_WAIT)
     except (TypeError, ValueError, AttributeError, OverflowError) as exc:
-        LogEntry.objects.create(
-            pipeline_run_id=run.pk, block_run_id=block_run.pk, timestamp=now, level="WARNING",
-            message=f"Block {block_run.block_uuid} is not retried: its retry_config cannot be read ({exc})",
-            block_uuid=block_run.block_uuid, attempt=block_run.attempt,
-        )
-        return None
-    return now + timedelta(seconds=wait)
+        return None, f"Block {block_run.block_uuid} is not retried: its retry_config cannot be read ({exc})"
+    return now + timedelta(seconds=wait), ""
 
 
 def _attempt_entry(current: dict, ended_as: str, result: ExecutionResult, now: datetime) -> dict:
