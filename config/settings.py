@@ -8,7 +8,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import default_block_memory_mb, envbool, envfloat, envint, secret_key
+from config.common.env import default_block_memory_mb, envbool, envfloat, envint, secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MILLRACE_VAR_DIR", BASE_DIR / "var"))
@@ -192,20 +192,20 @@ REST_FRAMEWORK = {
     # Token first: its `WWW-Authenticate` header makes an anonymous call a 401, not a 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
-        "config.permissions.BearerTokenAuthentication",
+        "config.common.permissions.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    # Reading needs a login or a token; writing needs an editor (config/permissions.py).
-    "DEFAULT_PERMISSION_CLASSES": ["config.permissions.CanEdit"],
+    # Reading needs a login or a token; writing needs an editor (config/common/permissions.py).
+    "DEFAULT_PERMISSION_CLASSES": ["config.common.permissions.CanEdit"],
     # JSON only: no browsable HTML, so every answer (errors included) is JSON. Bodies
     # are parsed with config.common.jsonsafe's rules; a stored value JSON cannot carry
-    # is rendered escaped rather than failing the answer (config/api.py).
-    "DEFAULT_RENDERER_CLASSES": ["config.api.SafeJSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["config.api.StrictJSONParser"],
-    "DEFAULT_PAGINATION_CLASS": "config.api.MagePagination",
+    # is rendered escaped rather than failing the answer (config/common/api.py).
+    "DEFAULT_RENDERER_CLASSES": ["config.common.api.SafeJSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["config.common.api.StrictJSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "config.common.api.MagePagination",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "config.api.exception_handler",
+    "EXCEPTION_HANDLER": "config.common.api.exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -214,10 +214,10 @@ SPECTACULAR_SETTINGS = {
     "with Mage's resource names and envelopes.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
-    "SERVE_PERMISSIONS": ["config.permissions.CanView"],
+    "SERVE_PERMISSIONS": ["config.common.permissions.CanView"],
     "SCHEMA_PATH_PREFIX": "/api/",
     "COMPONENT_SPLIT_REQUEST": True,
-    "PREPROCESSING_HOOKS": ["config.api.drop_slash_twins"],
+    "PREPROCESSING_HOOKS": ["config.common.api.drop_slash_twins"],
     "ENUM_NAME_OVERRIDES": {
         "PipelineRunStatusEnum": "runs.models.PipelineRunStatus",
         "BlockRunStatusEnum": "runs.models.BlockRunStatus",

@@ -15,8 +15,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.common.permissions import CanView, user_can_edit, user_is_admin
 from config.health import healthz
-from config.permissions import CanView, user_can_edit, user_is_admin
 from runs import api as runs_api
 from triggers.urls import api_urlpatterns as triggers_api
 
@@ -25,7 +25,7 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
     """The schema's name for `Authorization: Bearer <token>` (drf-spectacular would
     otherwise take it for DRF's `Token` scheme of the same name)."""
 
-    target_class = "config.permissions.BearerTokenAuthentication"
+    target_class = "config.common.permissions.BearerTokenAuthentication"
     name = "bearerAuth"
 
     def get_security_definition(self, auto_schema: object) -> dict:
@@ -36,7 +36,7 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
         }
 
 
-# The API root lives here, not in config/api.py, because DRF imports that module while
+# The API root lives here, not in config/common/api.py, because DRF imports that module while
 # its own views are still loading. Its docstring is the endpoint's description in the
 # OpenAPI schema, so it speaks to API users only.
 class ApiRootView(APIView):
@@ -118,5 +118,5 @@ urlpatterns = [
 ]
 
 # Under /api/ a missing page or a crash outside an API view is still answered in JSON.
-handler404 = "config.api.json_not_found"
-handler500 = "config.api.json_server_error"
+handler404 = "config.common.api.json_not_found"
+handler500 = "config.common.api.json_server_error"

@@ -20,7 +20,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from config.permissions import EDITORS_GROUP, user_can_edit
+from config.common.permissions import EDITORS_GROUP, user_can_edit
 from pipelines.admin import ViewOnly, json_pre
 from pipelines.models import BlockType, Pipeline
 from runs import services

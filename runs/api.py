@@ -19,8 +19,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import ErrorSerializer, envelope, envelope_schema
-from config.permissions import CanView
+from config.common.api import ErrorSerializer, envelope, envelope_schema
+from config.common.permissions import CanView
 from pipelines import variables
 from runs.models import BlockRun, PipelineRun, PipelineRunStatus, RunType
 

@@ -15,8 +15,8 @@ from django.test import RequestFactory
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from config.api import exception_handler, json_not_found, json_server_error
-from config.permissions import user_can_edit, user_can_view
+from config.common.api import exception_handler, json_not_found, json_server_error
+from config.common.permissions import user_can_edit, user_can_view
 from tests.helpers import block_code, make_pipeline, user_in
 from triggers import services
 from triggers.models import Event

@@ -17,8 +17,8 @@ from django.db import connection
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from config.api import SafeJSONRenderer
 from config.common import limits
+from config.common.api import SafeJSONRenderer
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
 from runs.models import BlockRun, PipelineRun, RunAction

@@ -20,7 +20,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import (
+from config.common import jsonsafe
+from config.common.api import (
     Conflict,
     ErrorSerializer,
     PayloadTooLarge,
@@ -29,8 +30,7 @@ from config.api import (
     json_body_error,
     unwrap,
 )
-from config.common import jsonsafe
-from config.permissions import user_can_edit
+from config.common.permissions import user_can_edit
 from pipelines.models import Pipeline
 from runs.api import PipelineRunCreatedSerializer, PipelineRunSerializer
 from runs.models import PipelineRun

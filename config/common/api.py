@@ -1,6 +1,6 @@
 """Pieces every API module shares: Mage's envelopes and pagination, the JSON error
 format (DRF's exception handler), and JSON 404/500 pages for `/api/` URLs. Roles and
-the Bearer token class are in config/permissions.py.
+the Bearer token class are in config/common/permissions.py.
 
 Every error the API answers has one shape, whatever raised it:
 

@@ -8,7 +8,7 @@ use this module):
 - members of the group `viewers`, and any other signed-in user, read only.
 
 This module is named in DRF's settings, so it must not import `rest_framework.views`
-(directly or through `config.api`): DRF reads its settings while that module loads.
+(directly or through `config.common.api`): DRF reads its settings while that module loads.
 
 An inactive user is nobody: Django refuses their login and DRF their token, and these
 functions say no as well in case such a user object reaches them another way.
