@@ -1,3 +1,6 @@
+"""The project's URLs: the admin, `/healthz`, and under `/api/` the API root, the OpenAPI
+schema and each app's routes (`runs/urls.py`, `triggers/urls.py`)."""
+
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.templatetags.static import static
@@ -17,7 +20,7 @@ from rest_framework.views import APIView
 
 from config.common.permissions import CanView, user_can_edit, user_is_admin
 from config.health import healthz
-from runs import api as runs_api
+from runs.urls import api_urlpatterns as runs_api
 from triggers.urls import api_urlpatterns as triggers_api
 
 
@@ -97,15 +100,11 @@ class SchemaView(SpectacularAPIView):
         return response
 
 
+# Each app owns its routes (`<app>/urls.py`); here they are only put under `/api/`.
 api_urlpatterns = [
     path("", ApiRootView.as_view(), name="api-root"),
     path("schema/", SchemaView.as_view(), name="api-schema"),
-    path("pipeline_runs", runs_api.PipelineRunList.as_view(), name="api-pipeline-runs"),
-    path("pipeline_runs/", runs_api.PipelineRunList.as_view()),
-    path("pipeline_runs/<int:pk>", runs_api.PipelineRunDetail.as_view(), name="api-pipeline-run"),
-    path("pipeline_runs/<int:pk>/", runs_api.PipelineRunDetail.as_view()),
-    path("block_runs/<int:pk>/log_file", runs_api.BlockRunLogFile.as_view(), name="api-block-run-log-file"),
-    path("block_runs/<int:pk>/log_file/", runs_api.BlockRunLogFile.as_view()),
+    *runs_api,
     *triggers_api,
 ]
 
