@@ -24,29 +24,18 @@ from triggers.models import Event
 pytestmark = [pytest.mark.django_db, pytest.mark.sqlite]
 
 
-
-@pytest.fixture
-def editor():
-    return user_in("erin", "editors")
-
-
-@pytest.fixture
-def viewer():
-    return user_in("vic", "viewers")
-
-
 # --- roles -------------------------------------------------------------------------------------
 
-def test_roles(django_user_model, editor, viewer) -> None:
+def test_roles(django_user_model, editor_user, viewer_user) -> None:
     plain = user_in("pat")
     staff = user_in("sam", is_staff=True)
     root = django_user_model.objects.create_superuser("root", password="pw")
     gone = user_in("gone", "editors", is_active=False)
 
-    assert [user_can_view(u) for u in (AnonymousUser(), viewer, plain, editor, staff, root, gone)] == [
+    assert [user_can_view(u) for u in (AnonymousUser(), viewer_user, plain, editor_user, staff, root, gone)] == [
         False, True, True, True, True, True, False,
     ]
-    assert [user_can_edit(u) for u in (AnonymousUser(), viewer, plain, editor, staff, root, gone)] == [
+    assert [user_can_edit(u) for u in (AnonymousUser(), viewer_user, plain, editor_user, staff, root, gone)] == [
         False, False, False, True, True, True, False,
     ]
 
@@ -83,8 +72,8 @@ def test_anonymous_writes_are_refused_and_change_nothing() -> None:
 
 
 @pytest.mark.parametrize("keyword", ["Token", "Bearer"])
-def test_a_token_authenticates(editor, keyword: str) -> None:
-    token = Token.objects.create(user=editor)
+def test_a_token_authenticates(editor_user, keyword: str) -> None:
+    token = Token.objects.create(user=editor_user)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"{keyword} {token.key}")
 
@@ -94,11 +83,11 @@ def test_a_token_authenticates(editor, keyword: str) -> None:
     assert me.status_code == 200
     assert me.json()["user"] == {"username": "erin", "can_edit": True, "is_staff": False}
     assert created.status_code == 201
-    assert Event.objects.get().created_by == editor
+    assert Event.objects.get().created_by == editor_user
 
 
-def test_a_wrong_token_is_a_json_401(editor) -> None:
-    Token.objects.create(user=editor)
+def test_a_wrong_token_is_a_json_401(editor_user) -> None:
+    Token.objects.create(user=editor_user)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Token not-a-real-token")
 
@@ -108,17 +97,17 @@ def test_a_wrong_token_is_a_json_401(editor) -> None:
     assert response.json()["error"]["type"] == "authentication_failed"
 
 
-def test_the_token_of_an_inactive_user_is_refused(editor) -> None:
-    token = Token.objects.create(user=editor)
-    editor.is_active = False
-    editor.save()
+def test_the_token_of_an_inactive_user_is_refused(editor_user) -> None:
+    token = Token.objects.create(user=editor_user)
+    editor_user.is_active = False
+    editor_user.save()
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
 
     assert client.get("/api/").status_code == 401
 
 
-def test_a_session_authenticates_and_its_writes_need_a_csrf_token(editor) -> None:
+def test_a_session_authenticates_and_its_writes_need_a_csrf_token(editor_user) -> None:
     client = APIClient(enforce_csrf_checks=True)
     client.login(username="erin", password="pw")
 
@@ -139,23 +128,23 @@ def _command(*args: str) -> str:
     return out.getvalue().strip()
 
 
-def test_create_api_token_creates_then_prints_the_same_token(editor) -> None:
+def test_create_api_token_creates_then_prints_the_same_token(editor_user) -> None:
     first = _command("erin")
     again = _command("erin")
 
-    assert first == again == Token.objects.get(user=editor).key
+    assert first == again == Token.objects.get(user=editor_user).key
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {first}")
     assert client.get("/api/").json()["user"]["username"] == "erin"
 
 
-def test_create_api_token_rotate_replaces_the_token(editor) -> None:
+def test_create_api_token_rotate_replaces_the_token(editor_user) -> None:
     old = _command("erin")
 
     new = _command("erin", "--rotate")
 
     assert new != old
-    assert Token.objects.get(user=editor).key == new
+    assert Token.objects.get(user=editor_user).key == new
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {old}")
     assert client.get("/api/").status_code == 401
@@ -173,9 +162,9 @@ def test_create_api_token_refuses_an_unknown_or_inactive_user() -> None:
 
 # --- errors are JSON ---------------------------------------------------------------------------
 
-def test_an_unknown_api_url_is_a_json_404(viewer) -> None:
+def test_an_unknown_api_url_is_a_json_404(viewer_user) -> None:
     client = APIClient()
-    client.force_login(viewer)
+    client.force_login(viewer_user)
 
     response = client.get("/api/no-such-thing")
 
@@ -183,9 +172,9 @@ def test_an_unknown_api_url_is_a_json_404(viewer) -> None:
     assert response.json()["error"]["code"] == 404
 
 
-def test_a_non_json_content_type_is_a_json_415(editor) -> None:
+def test_a_non_json_content_type_is_a_json_415(editor_user) -> None:
     client = APIClient()
-    client.force_authenticate(editor)
+    client.force_authenticate(editor_user)
 
     response = client.post("/api/events/", "source=a&name=b", content_type="application/x-www-form-urlencoded")
 
@@ -194,7 +183,7 @@ def test_a_non_json_content_type_is_a_json_415(editor) -> None:
     assert not Event.objects.exists()
 
 
-def test_an_unexpected_error_is_a_logged_json_500(editor, monkeypatch, caplog) -> None:
+def test_an_unexpected_error_is_a_logged_json_500(editor_user, monkeypatch, caplog) -> None:
     # A fault injected into our own service: the only way to reach the 500 path on
     # purpose; the assertion is about what the client gets and what the log keeps.
     def broken(**kwargs):
@@ -202,7 +191,7 @@ def test_an_unexpected_error_is_a_logged_json_500(editor, monkeypatch, caplog) -
 
     monkeypatch.setattr(services, "event_record", broken)
     client = APIClient()
-    client.force_authenticate(editor)
+    client.force_authenticate(editor_user)
 
     response = client.post("/api/events/", {"event": {"source": "a", "name": "b"}}, format="json")
 
@@ -226,9 +215,9 @@ def test_django_validation_errors_become_400s_naming_the_field() -> None:
 
 # --- schema ------------------------------------------------------------------------------------
 
-def test_the_openapi_schema_answers_a_logged_in_user(viewer) -> None:
+def test_the_openapi_schema_answers_a_logged_in_user(viewer_user) -> None:
     client = APIClient()
-    client.force_login(viewer)
+    client.force_login(viewer_user)
 
     response = client.get("/api/schema/")
 

@@ -23,7 +23,7 @@ from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
 from runs.models import BlockRun, PipelineRun, RunAction
 from runs.orchestrator import run_create
-from tests.helpers import api_client, block_code, make_pipeline, user_in
+from tests.helpers import block_code, make_pipeline, user_in
 from triggers import scheduler
 from triggers import services as trigger_services
 from triggers.models import Backfill, Event, Trigger
@@ -66,16 +66,6 @@ def pipeline() -> Pipeline:
 @pytest.fixture
 def api_trigger(pipeline: Pipeline) -> Trigger:
     return trigger_services.trigger_create(pipeline=pipeline, name="hook", schedule_type="api", status="active")
-
-
-@pytest.fixture
-def editor() -> APIClient:
-    return api_client(user_in("erin", "editors"))
-
-
-@pytest.fixture
-def viewer() -> APIClient:
-    return api_client(user_in("vic", "viewers"))
 
 
 def counts() -> tuple[int, int, int, int]:

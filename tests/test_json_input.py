@@ -19,7 +19,7 @@ from rest_framework.test import APIClient
 from config.common import jsonsafe
 from pipelines.models import Pipeline
 from runs.models import BlockRun, PipelineRun
-from tests.helpers import api_client, block_code, make_pipeline, user_in
+from tests.helpers import block_code, make_pipeline
 from triggers import services
 from triggers.models import Event, Trigger
 
@@ -151,10 +151,9 @@ def on_event(pipeline: Pipeline) -> Trigger:
 
 
 @pytest.fixture
-def editor() -> APIClient:
-    client = api_client(user_in("erin", "editors"))
-    client.raise_request_exception = False  # a crash must show as the 500 it would be
-    return client
+def editor(editor: APIClient) -> APIClient:
+    editor.raise_request_exception = False  # a crash must show as the 500 it would be
+    return editor
 
 
 def _state() -> tuple:

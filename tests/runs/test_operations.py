@@ -65,14 +65,9 @@ def run_sync(pipeline, **kwargs) -> PipelineRun:
     return run_execute_sync(orchestrator.run_create(pipeline, start=False, **kwargs))
 
 
-@pytest.fixture
-def editor() -> User:
-    return User.objects.create_user("erin", password="x", is_staff=True, is_superuser=True)
-
-
 # --- manual retry ---------------------------------------------------------------------------
 
-def test_retry_incomplete_reruns_only_what_did_not_complete_and_reuses_stored_outputs(editor):
+def test_retry_incomplete_reruns_only_what_did_not_complete_and_reuses_stored_outputs(editor_user):
     pipeline = fan("inc")
     run = run_sync(pipeline)
     assert run.status == "failed" and statuses(run) == {"load": "completed", "left": "completed", "right": "failed"}
@@ -80,7 +75,7 @@ def test_retry_incomplete_reruns_only_what_did_not_complete_and_reuses_stored_ou
     old_hash = run.block_runs.get(block_uuid="right").code_hash
     fix(pipeline, "right")
 
-    changed = orchestrator.run_retry(run.pk, mode="incomplete", user=editor)
+    changed = orchestrator.run_retry(run.pk, mode="incomplete", user=editor_user)
     assert changed == ["right"]
     run = run_execute_sync(PipelineRun.objects.get(pk=run.pk))
 
@@ -92,7 +87,7 @@ def test_retry_incomplete_reruns_only_what_did_not_complete_and_reuses_stored_ou
     assert right.code_hash != old_hash
     assert [a["status"] for a in right.attempts] == ["failed"] and "boom" in right.attempts[0]["error"]
     action = RunAction.objects.get(pipeline_run=run)
-    assert (action.action, action.user, action.detail["block_runs"]) == ("retry_incomplete", editor, ["right"])
+    assert (action.action, action.user, action.detail["block_runs"]) == ("retry_incomplete", editor_user, ["right"])
 
 
 def test_retry_all_runs_every_block_again_and_keeps_the_attempt_counters():
@@ -227,10 +222,10 @@ def test_a_retried_attempt_that_succeeds_completes_the_run():
 
 # --- cancel ---------------------------------------------------------------------------------
 
-def test_cancel_marks_every_unfinished_block_run_and_twice_changes_nothing(editor):
+def test_cancel_marks_every_unfinished_block_run_and_twice_changes_nothing(editor_user):
     pipeline = chain("cancel", 3)
     run = orchestrator.run_create(pipeline)  # queued, no worker here
-    orchestrator.run_cancel(run.pk, user=editor)
+    orchestrator.run_cancel(run.pk, user=editor_user)
     run.refresh_from_db()
     assert run.status == "cancelled"
     assert set(statuses(run).values()) == {"cancelled"}
@@ -297,10 +292,10 @@ def test_cancel_run_and_retry_run_commands_print_what_changed(capsys):
         call_command("retry_run", str(run.pk), "--from-block", "zz")
 
 
-def test_admin_actions_retry_and_cancel_selected_runs(client, editor):
+def test_admin_actions_retry_and_cancel_selected_runs(client, staff_user):
     pipeline = fan("adm")
     failed = run_sync(pipeline)
-    client.force_login(editor)
+    client.force_login(staff_user)
     url = reverse("admin:runs_pipelinerun_changelist")
     response = client.post(url, {"action": "retry_runs", "_selected_action": [failed.pk]}, follow=True)
     assert [m.message for m in response.context["messages"]] == ["Retried 1 run"]

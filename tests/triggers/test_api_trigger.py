@@ -1,18 +1,17 @@
-"""The API trigger `POST /api/pipeline_schedules/<id>/pipeline_runs/<token>`, token
-rotation, and the read-only `pipeline_runs` API that shows the runs it starts."""
+"""The API trigger `POST /api/pipeline_schedules/<id>/pipeline_runs/<token>` and token
+rotation. The `pipeline_runs` API that shows the runs it starts is tested in
+tests/runs/test_api.py."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from django.db import connection
-from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from pipelines.models import Pipeline
 from runs.models import BlockRun, PipelineRun, RunType
-from tests.helpers import block_code, make_pipeline, user_in
+from tests.helpers import block_code, make_pipeline
 from triggers import services
 from triggers.api import API_TRIGGER_MAX_BODY
 from triggers.models import ApiRequest, Trigger
@@ -37,16 +36,6 @@ def trigger(pipeline: Pipeline) -> Trigger:
     return services.trigger_create(
         pipeline=pipeline, name="webhook", schedule_type="api", status="active", variables={"limit": 20},
     )
-
-
-@pytest.fixture
-def editor():
-    return user_in("erin", "editors")
-
-
-@pytest.fixture
-def viewer():
-    return user_in("vic", "viewers")
 
 
 def fire(trigger: Trigger, body: object = None, *, token: str | None = None, raw: bytes | None = None, **headers) -> object:
@@ -225,10 +214,10 @@ def test_an_overlong_idempotency_key_is_400(trigger: Trigger) -> None:
     assert_nothing_created()
 
 
-def test_a_logged_in_browser_session_needs_no_csrf_token(trigger: Trigger, editor) -> None:
+def test_a_logged_in_browser_session_needs_no_csrf_token(trigger: Trigger, editor_user) -> None:
     # The token is the credential: a session cookie must neither be needed nor trip CSRF.
     client = APIClient(enforce_csrf_checks=True)
-    client.force_login(editor)
+    client.force_login(editor_user)
 
     response = client.post(f"/api/pipeline_schedules/{trigger.pk}/pipeline_runs/{trigger.token}", {}, format="json")
 
@@ -244,10 +233,10 @@ def test_other_methods_are_405_in_json(trigger: Trigger) -> None:
     assert_nothing_created()
 
 
-def test_after_rotation_the_old_token_is_refused_and_the_new_one_works(trigger: Trigger, editor) -> None:
+def test_after_rotation_the_old_token_is_refused_and_the_new_one_works(trigger: Trigger, editor_user) -> None:
     old = trigger.token
     client = APIClient()
-    client.force_authenticate(editor)
+    client.force_authenticate(editor_user)
 
     response = client.post(f"/api/pipeline_schedules/{trigger.pk}/rotate_token")
 
@@ -262,77 +251,13 @@ def test_after_rotation_the_old_token_is_refused_and_the_new_one_works(trigger: 
     assert PipelineRun.objects.count() == 1
 
 
-def test_a_viewer_cannot_rotate_the_token(trigger: Trigger, viewer) -> None:
+def test_a_viewer_cannot_rotate_the_token(trigger: Trigger, viewer_user) -> None:
     old = trigger.token
     client = APIClient()
-    client.force_authenticate(viewer)
+    client.force_authenticate(viewer_user)
 
     response = client.post(f"/api/pipeline_schedules/{trigger.pk}/rotate_token")
 
     assert response.status_code == 403
     trigger.refresh_from_db()
     assert trigger.token == old
-
-
-# --- the runs it starts, through the read-only pipeline_runs API ----------------------------------
-
-def test_the_run_shows_in_pipeline_runs_with_its_block_runs(trigger: Trigger, viewer) -> None:
-    run_id = fire(trigger).json()["pipeline_run"]["id"]
-    client = APIClient()
-    client.force_authenticate(viewer)
-
-    response = client.get(f"/api/pipeline_runs/{run_id}")
-
-    assert response.status_code == 200
-    body = response.json()["pipeline_run"]
-    assert body["pipeline_schedule_id"] == trigger.pk
-    assert body["run_type"] == "api"
-    block_runs = body["block_runs"]
-    assert [b["block_uuid"] for b in block_runs] == ["load", "clean"]
-    assert set(block_runs[0]) == {"id", "block_uuid", "status", "attempt", "started_at", "completed_at", "error"}
-    assert {b["id"] for b in block_runs} == set(BlockRun.objects.filter(pipeline_run_id=run_id).values_list("id", flat=True))
-
-
-def test_pipeline_runs_are_filtered_newest_first_in_a_fixed_number_of_queries(
-    pipeline: Pipeline, trigger: Trigger, viewer
-) -> None:
-    other = make_pipeline("other", [("load", "data_loader", block_code("data_loader", "return 1"))])
-    other_trigger = services.trigger_create(pipeline=other, name="hook", schedule_type="api", status="active")
-    ids = [fire(trigger).json()["pipeline_run"]["id"] for _ in range(3)]
-    fire(other_trigger)
-    client = APIClient()
-    client.force_authenticate(viewer)
-
-    response = client.get("/api/pipeline_runs", {"pipeline_schedule_id": trigger.pk})
-
-    body = response.json()
-    assert [r["id"] for r in body["pipeline_runs"]] == list(reversed(ids))
-    assert body["metadata"]["count"] == 3
-    by_uuid = client.get("/api/pipeline_runs", {"pipeline_uuid": "other"}).json()
-    assert [r["pipeline_uuid"] for r in by_uuid["pipeline_runs"]] == ["other"]
-    page = client.get("/api/pipeline_runs", {"_limit": 2, "_offset": 1}).json()
-    assert page["metadata"]["count"] == 4 and len(page["pipeline_runs"]) == 2
-
-    with CaptureQueriesContext(connection) as few:
-        client.get("/api/pipeline_runs", {"_limit": 1})
-    with CaptureQueriesContext(connection) as many:
-        client.get("/api/pipeline_runs", {"_limit": 4})
-    assert len(few) == len(many) <= 3
-
-
-def test_pipeline_runs_filters_are_validated(viewer) -> None:
-    client = APIClient()
-    client.force_authenticate(viewer)
-
-    bad_status = client.get("/api/pipeline_runs", {"status": "exploded"})
-    bad_id = client.get("/api/pipeline_runs", {"pipeline_schedule_id": "1.5"})
-
-    assert bad_status.status_code == 400 and "status" in bad_status.json()["error"]["fields"]
-    assert bad_id.status_code == 400 and "pipeline_schedule_id" in bad_id.json()["error"]["fields"]
-
-
-def test_pipeline_runs_need_a_login() -> None:
-    response = APIClient().get("/api/pipeline_runs")
-
-    assert response.status_code == 401
-    assert response.json()["error"]["type"] == "not_authenticated"
