@@ -50,7 +50,7 @@ from django_q.conf import Conf
 from pipelines.execution.libc import libc_function
 from runs import orchestrator, stopping
 from runs.models import HeartbeatKind
-from runs.orchestrator.sql import CLUSTER_ENV
+from runs.orchestrator import CLUSTER_ENV
 from runs.services import heartbeat_beat, heartbeat_end
 
 log = logging.getLogger("millrace.worker")
@@ -140,7 +140,7 @@ def run(*, run_once: bool = False) -> int:
     # Every process django-q2 forks under this one is set up by `_in_forked_process`
     # and the sentinel is ours (django_q.cluster.Cluster.start names the class there).
     multiprocessing.util.register_after_fork(_after_fork, _in_forked_process)
-    q_cluster.Sentinel = _Sentinel  # type: ignore[misc]
+    q_cluster.Sentinel = _Sentinel
     cluster = q_cluster.Cluster()
 
     def on_signal(signum: int, frame: Any) -> None:
