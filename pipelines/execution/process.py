@@ -1,80 +1,116 @@
 """Run a block in a child process and supervise it (the child's own side is child.py).
 
-The child comes from the fork server (forkserver.py), which forks it in a millisecond
-or two, where starting a new interpreter and importing the executor costs a hundred.
-The child leads its own process group, so a timeout or a cancel kills the block together
-with any processes it started, and a crash in user code (a segfault, `os._exit`) ends
-only the child. Memory the block used goes back when the child exits.
+The child comes from the fork server (forkserver.py): forking it from a warm server
+costs far less than starting a new interpreter and importing the executor (see the
+README's performance section). The child leads its own process group, so a timeout or a
+cancel kills the block together with any processes it started, and a crash in user code
+(a segfault, `os._exit`) ends only the child. Memory the block used goes back when the
+child exits.
 
-The spec arrives on a pipe. The child's stdout and stderr are pipes read here line by
-line; its `logger` and its final result travel as JSON lines on a third pipe. The child
-never uses the database.
+The spec arrives on a pipe. The child's stdout and stderr are pipes read here (pipes.py
+turns their bytes into log lines); its `logger` and its final result travel as JSON
+lines on a third pipe. The child never uses the database.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
+import enum
 import os
 import pickle
-import selectors
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from pipelines.execution.child import END_MARK
 from pipelines.execution.forkserver import ForkServer, ForkServerError
+from pipelines.execution.pipes import ChildPipes, LogItem
 from pipelines.execution.spec import (
     CANCELLED,
     FAILED,
     INTERRUPTED,
     BlockSpec,
     ExecutionResult,
-    LogChunk,
-    LogLine,
 )
 
 # Called with new log lines: LogLine objects (the block's logger) and LogChunk objects
 # (lines of stdout or stderr read together); the caller batches them into its store.
-LogSink = Callable[[list[LogLine | LogChunk]], None]
+LogSink = Callable[[list[LogItem]], None]
 # Called every `tick` seconds while the child runs. True: go on. False (the block run
 # was cancelled or lost its claim) or INTERRUPTED (its worker is shutting down): kill
 # the child, and end the block with that status.
 Tick = Callable[[], bool | str]
+# What runs the block in the child: a module-level function the server imports by name,
+# called as run(spec, logger, context).
+BlockRunner = Callable[..., ExecutionResult]
 
-
-_MAX_LINE = 64 * 1024
 # Past this many lines of stdout and stderr, a block's output is buffered (see
 # `child._on_sigurg`).
 CHATTY_LINES = 1000
 # How often the output of such a block is flushed to the pipes.
 FLUSH_EVERY = 0.2
-# The size its pipes get then (Linux's default limit for an unprivileged process).
-_CHATTY_PIPE = 1024 * 1024
-# One fork server per orchestrating process and `run` function.
-_servers: dict[str, ForkServer] = {}
+# What a pipe holds before a write blocks (Linux's default), less a margin.
+_PIPE_BUFFER = 60 * 1024
+# After the child has sent its result, how long to keep reading output that
+# processes it started may still write to inherited stdout before we stop listening.
+_GRACE = 0.2
+# The longest the output of a block that has ended is read for.
+_DRAIN_MAX = 30.0
+
+# One fork server per orchestrating process and `run` function, by the function's path.
+servers: dict[str, ForkServer] = {}
+# Heavy modules the fork server has been asked to import already.
+_preloaded: set[str] = set()
 
 
-def _server(run: Callable[..., ExecutionResult]) -> ForkServer:
-    """The fork server for `run`, a module-level function the server imports by name."""
+def _server(run: BlockRunner) -> ForkServer:
+    """The fork server for `run`, started (again) if need be."""
     path = f"{run.__module__}:{run.__qualname__}"
-    server = _servers.get(path)
+    server = servers.get(path)
     if server is None or not server.alive():
         if server is not None and server.owner == os.getpid():
             server.close()
         server = ForkServer(path)
-        _servers[path] = server
+        servers[path] = server
     return server
 
 
-# What a pipe holds before a write blocks (Linux's default), less a margin.
-_PIPE_BUFFER = 60 * 1024
+def start_server(run: BlockRunner) -> None:
+    """Start the fork server now, so that it is ready when the first block comes."""
+    _server(run)
 
 
-def _spawn(run: Callable[..., ExecutionResult], payload: bytes) -> tuple[ForkServer, int, int, int, int, int]:
-    """A started child: (server, pid, spec_w, out_r, err_r, msg_r). The start of the
-    spec (all of it, usually) is in the pipe before the child wakes, so it need not
-    wait for the round trip that tells us its pid."""
+# --- starting a child --------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    """A started child, from the supervisor's side."""
+
+    server: ForkServer  # the fork server that forked it and reaps it
+    pid: int
+    spec_w: int  # the write end of its spec pipe
+    pipes: ChildPipes  # the read ends of its stdout, stderr and message pipes
+
+
+def _payload(spec: BlockSpec, run: BlockRunner) -> bytes:
+    """The spec as the child reads it. The child keeps the environment it inherited
+    unless it is sent another: the caller's, when it has changed since the server began."""
+    environ = spec.environ
+    if environ is None and _server(run).environ_changed():
+        environ = dict(os.environ)
+    spec.environ, caller_environ = environ, spec.environ
+    try:
+        pickled = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        spec.environ = caller_environ
+    return len(pickled).to_bytes(8, "big") + pickled
+
+
+def _spawn(run: BlockRunner, payload: bytes) -> _Child:
+    """A started child. The start of the spec (all of it, usually) is in the pipe before
+    the child wakes, so it need not wait for the round trip that tells us its pid; the
+    caller sends the rest (`_send_rest`). A fork server that fails is replaced once."""
     for attempt in (1, 2):
         server = _server(run)
         server.forget_exits()
@@ -94,22 +130,8 @@ def _spawn(run: Callable[..., ExecutionResult], payload: bytes) -> tuple[ForkSer
             continue
         for fd in (spec_r, out_w, err_w, msg_w):
             os.close(fd)
-        return server, pid, spec_w, out_r, err_r, msg_r
+        return _Child(server, pid, spec_w, ChildPipes(out_r, err_r, msg_r))
     raise AssertionError("unreachable")
-
-
-def _payload(spec: BlockSpec, run: Callable[..., ExecutionResult]) -> bytes:
-    """The spec as the child reads it. The child keeps the environment it inherited
-    unless it is sent another: the caller's, when it has changed since the server began."""
-    environ = spec.environ
-    if environ is None and _server(run).environ_changed():
-        environ = dict(os.environ)
-    spec.environ, caller_environ = environ, spec.environ
-    try:
-        pickled = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
-    finally:
-        spec.environ = caller_environ
-    return len(pickled).to_bytes(8, "big") + pickled
 
 
 def _send(fd: int, data: bytes | memoryview) -> bool:
@@ -123,9 +145,32 @@ def _send(fd: int, data: bytes | memoryview) -> bool:
     return True
 
 
+def _send_rest(child: _Child, payload: bytes) -> None:
+    """Send what `_spawn` did not put in the spec pipe. A child that dies before it has
+    all of it ends without a result: the supervisor sees that."""
+    _send(child.spec_w, memoryview(payload)[min(len(payload), _PIPE_BUFFER):])
+
+
+def _result_or_exit(child: _Child, result: ExecutionResult | None, started: float) -> ExecutionResult:
+    """`result`, or for a child that ended without one, what its wait status says."""
+    return result if result is not None else _result(child.server.exit_status(child.pid), started)
+
+
+def _preload(child: _Child, result: ExecutionResult) -> None:
+    """Have the fork server import the heavy modules the block used (listed in its
+    result's metrics by the child), so that later children find them loaded."""
+    loaded = [m for m in (result.metrics.pop("loaded", None) or []) if m not in _preloaded]
+    if loaded:
+        _preloaded.update(loaded)
+        child.server.preload(loaded)
+
+
+# --- running blocks ----------------------------------------------------------------------
+
+
 def run_in_child(
     spec: BlockSpec,
-    run: Callable[..., ExecutionResult],
+    run: BlockRunner,
     *,
     on_log: LogSink,
     on_tick: Tick | None = None,
@@ -135,24 +180,15 @@ def run_in_child(
     ends, its timeout passes, or `on_tick` asks to stop."""
     payload = _payload(spec, run)
     started = time.monotonic()
-    server, pid, spec_w, out_r, err_r, msg_r = _spawn(run, payload)
+    child = _spawn(run, payload)
     try:
-        _send(spec_w, memoryview(payload)[min(len(payload), _PIPE_BUFFER):])
+        _send_rest(child, payload)
     finally:
-        os.close(spec_w)
-    pipes = _Pipes(out_r, err_r, msg_r)
-    result, _ = _supervise(spec, pid, pipes, started, on_log, on_tick, tick)
-    if result is None:
-        result = _result(server.exit_status(pid), started)
-    _preload(server, result)
+        os.close(child.spec_w)
+    result, _ = _supervise(spec, child, started, on_log, on_tick, tick)
+    result = _result_or_exit(child, result, started)
+    _preload(child, result)
     return result
-
-
-def _preload(server: ForkServer, result: ExecutionResult) -> None:
-    loaded = [m for m in (result.metrics.pop("loaded", None) or []) if m not in _preloaded]
-    if loaded:
-        _preloaded.update(loaded)
-        server.preload(loaded)
 
 
 class Session:
@@ -163,101 +199,156 @@ class Session:
     `close()` ends it; so does the caller's exit (the fork server kills what it forked)."""
 
     def __init__(self) -> None:
-        self._child: tuple[ForkServer, int, int, _Pipes] | None = None  # server, pid, spec_w, pipes
+        self._child: _Child | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._child[1] if self._child else None
+        return self._child.pid if self._child else None
 
     def run(
-        self, spec: BlockSpec, run: Callable[..., ExecutionResult], *,
+        self, spec: BlockSpec, run: BlockRunner, *,
         on_log: LogSink, on_tick: Tick | None = None, tick: float = 2.0,
     ) -> ExecutionResult:
         spec.keep_alive = True
         payload = _payload(spec, run)
         started = time.monotonic()
-        if self._child is not None and not _send(self._child[2], payload):
+        if self._child is not None and not _send(self._child.spec_w, payload):
             # The process ended between two blocks (killed from outside): the spec never
             # reached it and nothing of this block ran; it runs in a new process.
             self.close()
         if self._child is None:
-            server, pid, spec_w, out_r, err_r, msg_r = _spawn(run, payload)
-            self._child = (server, pid, spec_w, _Pipes(out_r, err_r, msg_r))
-            # A child that dies before it has all of it ends without a result: the
-            # supervisor sees that.
-            _send(spec_w, memoryview(payload)[min(len(payload), _PIPE_BUFFER):])
-        server, pid, _, pipes = self._child
-        result, alive = _supervise(spec, pid, pipes, started, on_log, on_tick, tick, session=True)
-        if result is None:
-            result = _result(server.exit_status(pid), started)
+            self._child = _spawn(run, payload)
+            _send_rest(self._child, payload)
+        child = self._child
+        result, alive = _supervise(spec, child, started, on_log, on_tick, tick, session=True)
+        result = _result_or_exit(child, result, started)
         if not alive:
             self.close()
-        _preload(server, result)
+        _preload(child, result)
         return result
 
     def close(self) -> None:
         if self._child is None:
             return
-        _, pid, spec_w, pipes = self._child
-        self._child = None
-        os.close(spec_w)  # the child reads the end of its specs and exits
-        pipes.close()
-        _kill_group(pid)  # with whatever its blocks started and left behind
+        child, self._child = self._child, None
+        os.close(child.spec_w)  # the child reads the end of its specs and exits
+        child.pipes.close()
+        _kill_group(child.pid)  # with whatever its blocks started and left behind
 
 
-def start_server(run: Callable[..., ExecutionResult]) -> None:
-    """Start the fork server now, so that it is ready when the first block comes."""
-    _server(run)
+# --- supervising a child -----------------------------------------------------------------
 
 
-# Heavy modules the fork server has been asked to import already.
-_preloaded: set[str] = set()
+class Stop(enum.Enum):
+    """Why the supervisor killed a child before its block ended."""
+
+    TIMEOUT = "timeout"  # the block's timeout passed
+    CANCELLED = "cancelled"  # `on_tick` said False
+    INTERRUPTED = "interrupted"  # `on_tick` said INTERRUPTED: the worker is stopping
 
 
-# After the child has sent its result, how long to keep reading output that
-# processes it started may still write to inherited stdout before we stop listening.
-_GRACE = 0.2
-# The longest the output of a block that has ended is read for.
-_DRAIN_MAX = 30.0
+@dataclass(slots=True)
+class _Supervision:
+    """What supervising one block keeps track of from one read of the pipes to the next."""
 
+    pid: int
+    pipes: ChildPipes
+    on_tick: Tick | None
+    tick: float  # seconds between two calls of `on_tick`
+    timeout: float | None  # the block's timeout in seconds, None for none
+    deadline: float | None  # when that timeout passes
+    next_tick: float  # when to call `on_tick` next
+    stop: Stop | None = None  # why the child was killed, once it has been
+    ended_at: float | None = None  # when the message pipe closed: the child is done
+    result: dict[str, Any] | None = None  # the block's result, once it has come
 
-class _Pipes:
-    """The read ends of a child's stdout, stderr and message pipes, with what has been
-    read of each but not yet split into lines (kept from one block to the next when
-    the child runs several)."""
+    def block_done(self) -> bool:
+        """For a child that runs several blocks: this block's result has come and its
+        output has all been read, and the child is still there for the next one."""
+        return self.result is not None and self.ended_at is None and self.pipes.output_marked()
 
-    def __init__(self, out_r: int, err_r: int, msg_r: int) -> None:
-        self.selector = selectors.DefaultSelector()
-        self.buffers = {out_r: b"", err_r: b"", msg_r: b""}
-        self.levels = {out_r: "INFO", err_r: "WARNING"}
-        self.out_r, self.err_r, self.msg_r = out_r, err_r, msg_r
-        self.marked: set[int] = set()  # the output pipes whose end-of-block mark came
-        self.results: list[dict] = []  # the block's result, once it has come
-        self.lines = 0  # lines of stdout and stderr read so far
-        self.next_flush = 0.0  # when to send the next SIGURG (see `_on_sigurg`)
-        self.last_read = 0.0  # when output last came
-        for fd in self.buffers:
-            os.set_blocking(fd, False)
-            self.selector.register(fd, selectors.EVENT_READ)
+    def wait_time(self, now: float) -> float | None:
+        """How long the next read may wait for the pipes: until the next tick, the
+        deadline, or the chatty block's next flush. None once the child has ended and
+        its output has stopped coming."""
+        waits = [self.next_tick - now]
+        if self.deadline is not None and self.stop is None:
+            waits.append(self.deadline - now)
+        if self.ended_at is not None:
+            # What the block wrote before it ended may still be in the pipes (a chatty
+            # block's are large): read on while it comes, and then only as long as a
+            # process the block started might still be writing.
+            quiet_since = max(self.ended_at, self.pipes.last_read)
+            if now >= quiet_since + _GRACE or now >= self.ended_at + _DRAIN_MAX:
+                return None
+            waits.append(quiet_since + _GRACE - now)
+        elif self.pipes.lines > CHATTY_LINES:
+            waits.append(self.pipes.next_flush - now)
+        return max(0.0, min(waits))
 
-    def enlarge(self) -> None:
-        """Give a chatty block's output pipes room for more than a second of its lines
-        (Linux; 64 KiB by default), so that it goes on printing while its lines are being
-        stored instead of waiting on a full pipe."""
-        for fd in (self.out_r, self.err_r):
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHATTY_PIPE)
-            except (OSError, AttributeError):
-                pass  # past the user's share of pipe memory, or not Linux: the default stays
+    def read(self, wait: float) -> tuple[list[LogItem], bool]:
+        """Read what the pipes have within `wait` seconds: the new log lines, and
+        whether any output came. The result, when it comes, goes to `self.result`."""
+        pipes = self.pipes
+        batch: list[LogItem] = []
+        read_some = False
+        for key, _mask in pipes.selector.select(timeout=wait):
+            if pipes.read(key.fd, batch):
+                read_some = True
+            elif key.fd == pipes.msg_r:
+                self.ended_at = time.monotonic()
+                _kill_group(self.pid)  # anything the block started and left behind goes with it
+        if pipes.result is not None:
+            self.result, pipes.result = pipes.result, None
+        return batch, read_some
 
-    def close(self) -> None:
-        for fd in list(self.selector.get_map() or {}):
-            os.close(fd)
-        self.selector.close()
+    def flush_chatty_output(self, now: float) -> None:
+        """Past CHATTY_LINES lines, have the child flush its buffered output every
+        FLUSH_EVERY seconds (the first signal switches it to buffering)."""
+        pipes = self.pipes
+        if pipes.lines > CHATTY_LINES and self.ended_at is None and now >= pipes.next_flush:
+            if not pipes.next_flush:
+                pipes.enlarge()
+            pipes.next_flush = now + FLUSH_EVERY
+            _signal(self.pid, signal.SIGURG)
+
+    def enforce_deadline(self, now: float) -> None:
+        if self.deadline is not None and now >= self.deadline and self.stop is None and self.ended_at is None:
+            self._kill(Stop.TIMEOUT)
+
+    def call_tick(self, now: float) -> None:
+        """Every `tick` seconds, ask `on_tick` whether the block may go on."""
+        if now < self.next_tick:
+            return
+        self.next_tick = now + self.tick
+        if self.on_tick is not None and self.stop is None and self.ended_at is None:
+            verdict = self.on_tick()
+            if verdict is not True:
+                self._kill(Stop.INTERRUPTED if verdict == INTERRUPTED else Stop.CANCELLED)
+
+    def outcome(self, duration: float, alive: bool) -> tuple[ExecutionResult | None, bool]:
+        """What `_supervise` returns."""
+        if self.stop is Stop.CANCELLED:
+            error = "Cancelled; the block's processes were killed"
+            return ExecutionResult(status=CANCELLED, error=error, metrics={"duration": duration}), False
+        if self.stop is Stop.INTERRUPTED:
+            error = "Interrupted: its worker is shutting down; the block's processes were killed"
+            return ExecutionResult(status=INTERRUPTED, error=error, metrics={"duration": duration}), False
+        if self.stop is Stop.TIMEOUT:
+            error = f"Timed out after {self.timeout:g} s; the block's processes were killed"
+            return ExecutionResult(status=FAILED, error=error, metrics={"duration": duration}), False
+        if self.result is not None:
+            return ExecutionResult(**self.result), alive
+        return None, False  # ended without a result: the caller asks how
+
+    def _kill(self, reason: Stop) -> None:
+        self.stop = reason
+        _kill_group(self.pid)
 
 
 def _supervise(
-    spec, pid, pipes: _Pipes, started, on_log, on_tick, tick, *, session: bool = False,
+    spec: BlockSpec, child: _Child, started: float, on_log: LogSink, on_tick: Tick | None, tick: float,
+    *, session: bool = False,
 ) -> tuple[ExecutionResult | None, bool]:
     """Read the child's pipes until it has finished the block, enforcing its timeout
     and calling `on_tick`. Returns the result (None if the child ended without one)
@@ -266,143 +357,46 @@ def _supervise(
     A child that runs one block closes stdout and stderr before it writes its result,
     so the result is the last thing to arrive and nothing waits for the process
     teardown. A child that runs several marks the end of each block's output on both
-    instead, and stays."""
-    selector = pipes.selector
-    out_r, err_r, msg_r = pipes.out_r, pipes.err_r, pipes.msg_r
+    instead, and stays.
+
+    Each turn of the loop:
+    1. waits for output, at most until the next thing to do (tick, deadline, flush);
+    2. hands the lines read to `on_log` in one batch;
+    3. has a chatty block flush its output, kills a block past its deadline, and
+       calls `on_tick` when its time has come."""
+    pipes = child.pipes
     pipes.marked.clear()
-    result: dict | None = None
-    killed_because = ""
-    deadline = started + spec.timeout if spec.timeout else None
-    next_tick = started + tick
-    ended_at: float | None = None  # when the message pipe closed (the child is done)
-    pending: list = []
-    read_some = False
+    state = _Supervision(
+        pid=child.pid, pipes=pipes, on_tick=on_tick, tick=tick, timeout=spec.timeout,
+        deadline=started + spec.timeout if spec.timeout else None, next_tick=started + tick,
+    )
     alive = False
     try:
-        while selector.get_map():
-            if session and result is not None and ended_at is None and {out_r, err_r} <= pipes.marked:
-                alive = True  # the block is done and its output all read
+        while pipes.is_open():
+            if session and state.block_done():
+                alive = True
                 break
-            now = time.monotonic()
-            waits = [next_tick - now]
-            if deadline is not None and not killed_because:
-                waits.append(deadline - now)
-            if ended_at is not None:
-                # What the block wrote before it ended may still be in the pipes (a
-                # chatty block's are large): read on while it comes, and then only as
-                # long as a process the block started might still be writing.
-                quiet_since = max(ended_at, pipes.last_read)
-                if now >= quiet_since + _GRACE or now >= ended_at + _DRAIN_MAX:
-                    break
-                waits.append(quiet_since + _GRACE - now)
-            elif pipes.lines > CHATTY_LINES:
-                waits.append(pipes.next_flush - now)
-            for key, _mask in selector.select(timeout=max(0.0, min(waits))):
-                fd = key.fd
-                chunk = os.read(fd, 65536)
-                if chunk:
-                    read_some = True
-                    pipes.buffers[fd] = _split_lines(fd, pipes.buffers[fd] + chunk, pipes, pending)
-                    continue
-                selector.unregister(fd)
-                os.close(fd)
-                if pipes.buffers[fd]:
-                    _take_line(fd, pipes.buffers[fd], pipes, pending)
-                    pipes.buffers[fd] = b""
-                if fd == msg_r:
-                    ended_at = time.monotonic()
-                    # Anything the block started and left behind goes with it.
-                    _kill_group(pid)
-            if pipes.results:
-                result = pipes.results.pop()
-            if pending:
-                on_log(pending)
-                pending = []
+            wait = state.wait_time(time.monotonic())
+            if wait is None:
+                break
+            batch, read_some = state.read(wait)
+            if batch:
+                on_log(batch)
             now = time.monotonic()
             if read_some:  # quiet is counted from here: storing lines is not quiet
-                pipes.last_read, read_some = now, False
-            if pipes.lines > CHATTY_LINES and ended_at is None and now >= pipes.next_flush:
-                if not pipes.next_flush:
-                    pipes.enlarge()
-                pipes.next_flush = now + FLUSH_EVERY
-                _signal(pid, signal.SIGURG)
-            if deadline is not None and now >= deadline and not killed_because and ended_at is None:
-                killed_because = f"Timed out after {spec.timeout:g} s; the block's processes were killed"
-                _kill_group(pid)
-            if now >= next_tick:
-                next_tick = now + tick
-                if on_tick is not None and not killed_because and ended_at is None:
-                    verdict = on_tick()
-                    if verdict is not True:
-                        killed_because = INTERRUPTED if verdict == INTERRUPTED else "cancelled"
-                        _kill_group(pid)
+                pipes.last_read = now
+            state.flush_chatty_output(now)
+            state.enforce_deadline(now)
+            state.call_tick(now)
     finally:
         if not alive:
             if not session:
                 pipes.close()
-            _kill_group(pid)
-    duration = time.monotonic() - started
-    if killed_because == "cancelled":
-        return ExecutionResult(status=CANCELLED, error="Cancelled; the block's processes were killed", metrics={"duration": duration}), False
-    if killed_because == INTERRUPTED:
-        error = "Interrupted: its worker is shutting down; the block's processes were killed"
-        return ExecutionResult(status=INTERRUPTED, error=error, metrics={"duration": duration}), False
-    if killed_because:
-        return ExecutionResult(status=FAILED, error=killed_because, metrics={"duration": duration}), False
-    if result is not None:
-        return ExecutionResult(**result), alive
-    return None, False  # ended without a result: the caller asks how
+            _kill_group(child.pid)
+    return state.outcome(time.monotonic() - started, alive)
 
 
-def _split_lines(fd: int, data: bytes, pipes: _Pipes, pending: list) -> bytes:
-    """Take the complete lines out of `data`, return the incomplete rest. Output lines
-    longer than _MAX_LINE are cut; result and logger messages never are."""
-    if fd == pipes.msg_r:
-        *lines, rest = data.split(b"\n")
-        for line in lines:
-            _take_line(fd, line, pipes, pending)
-        return rest
-    end = data.rfind(b"\n")
-    if end < 0:
-        if len(data) <= _MAX_LINE:
-            return data
-        end = len(data)
-    _take_output(fd, data[:end], pipes, pending)
-    return data[end + 1:]
-
-
-_MARK_TEXT = END_MARK.rstrip(b"\n").decode()
-
-
-def _take_output(fd: int, data: bytes, pipes: _Pipes, pending: list) -> None:
-    """Complete lines of stdout or stderr (without the last newline), the whole read as
-    one chunk."""
-    text = data.decode("utf-8", errors="replace")
-    if "\r" in text:
-        text = text.replace("\r\n", "\n")
-    if _MARK_TEXT in text:  # a block of a run in one process ended here
-        pipes.marked.add(fd)
-        messages = [message for message in text.split("\n") if message != _MARK_TEXT]
-        if not messages:
-            return
-        text = "\n".join(messages)
-    count = text.count("\n") + 1
-    pipes.lines += count
-    pending.append(LogChunk(time.time(), pipes.levels[fd], text, count))
-
-
-def _take_line(fd: int, line: bytes, pipes: _Pipes, pending: list) -> None:
-    if fd == pipes.msg_r:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return
-        if message.get("t") == "result":
-            pipes.results.append(message["result"])
-        else:
-            pending.append(LogLine(message.get("ts", time.time()), message.get("level", "INFO"), message.get("msg", "")))
-        return
-    _take_output(fd, line, pipes, pending)
+# --- signals and exits -------------------------------------------------------------------
 
 
 def _signal(pid: int, sig: int) -> None:

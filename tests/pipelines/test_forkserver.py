@@ -57,7 +57,7 @@ def test_the_server_has_not_set_up_django(tmp_path):
     # Children start from a small interpreter: no app registry, no database connection.
     ready = run("import sys\n@data_loader\ndef probe(*a, **k):\n    return 'django.apps.registry' in sys.modules and __import__('django.apps').apps.apps.ready\n")
     assert ready is False
-    assert process._servers  # and the caller keeps one server for its later blocks
+    assert process.servers  # and the caller keeps one server for its later blocks
 
 
 def test_a_block_sees_exactly_the_callers_environment(monkeypatch):
