@@ -27,7 +27,7 @@ from pipelines.execution.spec import BlockSpec, ExecutionResult
 
 # Heavy libraries a child may import. When a child reports it used one, the fork server
 # imports it too, so that later children find it loaded instead of paying the import
-# (half a second for pandas) each time.
+# (pandas' is far dearer than a small block) each time.
 PRELOADABLE = ("numpy", "pandas", "pyarrow", "pyarrow.parquet", "duckdb")
 
 
@@ -90,12 +90,13 @@ _buffered = False
 
 
 def _on_sigurg(signum: int, frame: object) -> None:
-    """SIGURG, which the supervisor sends every FLUSH_EVERY seconds once a block has
-    written CHATTY_LINES lines. The first switches the child's stdout and stderr from
-    line buffering to block buffering, the next ones flush them. Line buffering costs
-    a system call per line, which made a block printing 200,000 lines three times
-    slower than printing them to a file; most blocks print far fewer lines and keep it,
-    so each line shows at once with no timer or thread in the child.
+    """SIGURG, which the supervisor sends every process.FLUSH_EVERY seconds once a
+    block has written process.CHATTY_LINES lines. The first switches the child's stdout
+    and stderr from line buffering to block buffering, the next ones flush them. Line
+    buffering costs a system call per line, which made a block printing a flood of
+    lines much slower than printing them to a file (see the README's performance
+    section); most blocks print far fewer lines and keep it, so each line shows at once
+    with no timer or thread in the child.
 
     Python runs a handler at the first place that checks for signals, and in a block
     that prints without pause that is inside the write itself, where the stream refuses
@@ -162,10 +163,10 @@ def child_main(spec_fd: int, msg_fd: int, run: Callable[..., ExecutionResult]) -
     the end of the block's output on stdout and stderr, sends the result and waits for
     the next spec, with the same `context`; the end of the spec pipe ends it.
 
-    Nothing is warmed up in the child beforehand: on this kind of machine every page
-    the child writes to costs a copy, and a trial block run before the real one only
-    added copies (measured: 80 more page faults and 2 ms more CPU a block, for a
-    smaller latency gain than the lost CPU costs on two cores)."""
+    Nothing is warmed up in the child beforehand: every page the child writes to
+    costs a copy, and a trial block run before the real one only added copies (more
+    page faults and CPU a block, for a smaller latency gain than the lost CPU costs
+    on a small machine; see the README's performance section)."""
     code = 0
     context: dict = {}
     try:

@@ -2,10 +2,9 @@
 
 Forking from the orchestrating process itself made a block slow: after a fork, every
 page the orchestrator writes (and Python writes to each object it touches, to count
-references) must first be copied, and on this kind of virtual machine a page fault is
-dear. Measured on a 2-core machine, an empty fork per block cost the orchestrator about
-10 ms a block, twice the orchestration itself, and a quarter of a second more when the
-process exited.
+references) must first be copied, and on some virtual machines a page fault is dear.
+An empty fork per block cost the orchestrator more than the orchestration itself, and
+its exit got slower too (the figures are in the README's performance section).
 
 So the orchestrator never forks. It starts this module as a new interpreter (with
 `subprocess`, which uses vfork: nothing is shared, nothing copied), which imports only the
