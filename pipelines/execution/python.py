@@ -90,7 +90,7 @@ def main_function(spec: BlockSpec, found: dict[str, list[Callable[..., Any]]]) -
 def _call(function: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], *, what: str) -> Any:
     """Call with positional `args`, checking the count first, and with the keyword
     arguments the function can take."""
-    positional, required, has_varargs, keywords = _parameters(function)
+    positional, required, has_varargs, keywords = parameters(function)
     name = function.__name__
     if not has_varargs and len(args) > len(positional):
         raise BlockError(
@@ -135,7 +135,7 @@ _CO_VARARGS = 0x04
 _CO_VARKEYWORDS = 0x08
 
 
-def _parameters(function: Callable[..., Any]) -> tuple[list[str], list[str], bool, set[str] | None]:
+def parameters(function: Callable[..., Any]) -> tuple[list[str], list[str], bool, set[str] | None]:
     """(positional parameter names, those without a default, whether it takes *args,
     the names it takes by keyword or None when it takes **kwargs).
 
@@ -145,7 +145,7 @@ def _parameters(function: Callable[..., Any]) -> tuple[list[str], list[str], boo
     pages of the inspect module on every block."""
     code = getattr(function, "__code__", None)
     if type(function) is not types.FunctionType or code is None or hasattr(function, "__wrapped__") or hasattr(function, "__signature__"):
-        return _parameters_inspected(function)
+        return parameters_inspected(function)
     count = code.co_argcount
     names = code.co_varnames
     positional = list(names[:count])
@@ -155,7 +155,7 @@ def _parameters(function: Callable[..., Any]) -> tuple[list[str], list[str], boo
     return positional, required, bool(code.co_flags & _CO_VARARGS), keywords
 
 
-def _parameters_inspected(function: Callable[..., Any]) -> tuple[list[str], list[str], bool, set[str] | None]:
+def parameters_inspected(function: Callable[..., Any]) -> tuple[list[str], list[str], bool, set[str] | None]:
     import inspect
 
     params = list(inspect.signature(function).parameters.values())

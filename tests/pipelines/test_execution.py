@@ -27,11 +27,11 @@ from pipelines.execution import (
     run_block,
 )
 from pipelines.execution.python import (
-    _parameters,
-    _parameters_inspected,
     block_filename,
     compiled,
     input_value,
+    parameters,
+    parameters_inspected,
 )
 
 pytestmark = pytest.mark.sqlite
@@ -200,7 +200,7 @@ def _signatures() -> list:
 def test_parameters_read_off_the_code_object_match_inspect(function):
     # The executor reads a plain function's parameters off its code object (cheaper in a
     # freshly forked child); it must agree with inspect.signature on every shape.
-    assert _parameters(function) == _parameters_inspected(function)
+    assert parameters(function) == parameters_inspected(function)
 
 
 # Logs
