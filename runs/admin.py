@@ -116,8 +116,9 @@ class LevelFilter(admin.SimpleListFilter):
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         levels = list(LOG_LEVELS)
-        if self.value() and self.value() not in levels:
-            levels.append(self.value())
+        value = self.value()
+        if value and value not in levels:
+            levels.append(value)
         return [(level, level) for level in levels]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:

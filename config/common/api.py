@@ -285,8 +285,13 @@ class MagePagination(LimitOffsetPagination):
     default_limit = DEFAULT_PAGE_SIZE
     max_limit = MAX_PAGE_SIZE
     template = None
+    # Set by paginate_queryset before anything reads them, and never None here: the
+    # limit always has a value (DRF's may be None, meaning "do not paginate").
+    count: int
+    limit: int
+    offset: int
 
-    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> list:
+    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> list | None:
         self.key = getattr(view, "envelope_many", "results")
         return super().paginate_queryset(queryset, request, view)
 
@@ -319,20 +324,27 @@ class MetadataSerializer(serializers.Serializer):
 def envelope_schema(key: str, serializer: type[serializers.BaseSerializer], many: bool = False) -> Any:
     """The OpenAPI shape of an envelope, for `extend_schema(responses=...)`. Cached so a
     shape used by several views is one component."""
+    fields: dict[str, serializers.Field]
     if many:
         fields = {key: serializer(many=True), "metadata": MetadataSerializer()}
     else:
         fields = {key: serializer()}
     base = serializer.__name__.removesuffix("Serializer")
     name = f"{base}{'List' if many else ''}Envelope"
-    return extend_schema_serializer(many=False)(inline_serializer(name, fields=fields))
+    # drf-spectacular types the decorator for classes and functions; it sets its override
+    # on the serializer instance inline_serializer returns just as well.
+    return extend_schema_serializer(many=False)(inline_serializer(name, fields=fields))  # type: ignore[type-var]
 
 
 class ErrorDetailSerializer(serializers.Serializer):
     code = serializers.IntegerField()
     type = serializers.CharField()
     message = serializers.CharField()
-    fields = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False)
+    # The error body's key. DRF's metaclass takes declared fields off the class, so this
+    # does not hide Serializer.fields, which the stubs cannot tell.
+    fields = serializers.DictField(  # type: ignore[assignment]
+        child=serializers.ListField(child=serializers.CharField()), required=False,
+    )
 
 
 class ErrorSerializer(serializers.Serializer):

@@ -84,7 +84,8 @@ class _Loader(yaml.SafeLoader):
             return self._compose_collection(parent, index, event)
         return super().compose_node(parent, index)
 
-    def compose_scalar_node(self, anchor: str | None) -> Any:
+    # types-PyYAML types `anchor` as a dict; pyyaml passes the anchor's name (or None).
+    def compose_scalar_node(self, anchor: str | None) -> Any:  # type: ignore[override]
         # Scalars are most of a file: counted here, inline, to keep the loader's cost
         # close to pyyaml's own.
         event = self.peek_event()
@@ -94,7 +95,7 @@ class _Loader(yaml.SafeLoader):
             self._check_totals(event, None, 1, len(event.value))
         if anchor is not None:
             self._expanded[anchor] = (1, len(event.value), 0)
-        return super().compose_scalar_node(anchor)
+        return super().compose_scalar_node(anchor)  # type: ignore[arg-type]  # the same stub
 
     def _compose_collection(self, parent: Any, index: Any, event: NodeEvent) -> Any:
         depth = self._depth + 1
@@ -112,7 +113,8 @@ class _Loader(yaml.SafeLoader):
         return node
 
     def _count_alias(self, event: AliasEvent) -> None:
-        cost = self._expanded.get(event.anchor)
+        # An alias always names an anchor; a None would be an undefined alias as well.
+        cost = self._expanded.get(event.anchor) if event.anchor is not None else None
         if cost is None:
             if event.anchor in self.anchors:  # anchored, not finished: it contains the alias
                 line, column = _position(event.start_mark)
@@ -179,8 +181,8 @@ def _refusal(exc: yaml.YAMLError, text: str, label: str) -> YAMLSafetyError:
         name = " (NUL)" if code == 0 else ""
         return YAMLSafetyError(label, "unreadable character", f"U+{code:04X}{name} is not allowed in YAML", line, column)
     if isinstance(exc, yaml.MarkedYAMLError):
-        line, column = _position(exc.problem_mark or exc.context_mark)
-        return YAMLSafetyError(label, "invalid YAML", exc.problem or exc.context or str(exc), line, column)
+        where = _position(exc.problem_mark or exc.context_mark)
+        return YAMLSafetyError(label, "invalid YAML", exc.problem or exc.context or str(exc), *where)
     return YAMLSafetyError(label, "invalid YAML", str(exc))
 
 
