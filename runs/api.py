@@ -23,6 +23,7 @@ from config.common.api import ErrorSerializer, envelope, envelope_schema
 from config.common.permissions import CanView
 from pipelines import variables
 from runs.models import BlockRun, PipelineRun, PipelineRunStatus, RunType
+from runs.selectors import pipeline_runs_list
 
 
 class BlockRunBriefSerializer(serializers.ModelSerializer):
@@ -89,12 +90,6 @@ class PipelineRunFilter(django_filters.FilterSet):
         fields: list[str] = []
 
 
-def pipeline_runs_for_api() -> QuerySet[PipelineRun]:
-    """Newest first, the pipeline joined so that a page costs one query whatever its
-    size (plus the count)."""
-    return PipelineRun.objects.select_related("pipeline").order_by("-created_at", "-id")
-
-
 class PipelineRunList(generics.ListAPIView):
     """Pipeline runs, newest first, filtered by
     `?pipeline_uuid=&status=&run_type=&pipeline_schedule_id=` and paginated with
@@ -106,7 +101,7 @@ class PipelineRunList(generics.ListAPIView):
     envelope_many = "pipeline_runs"
 
     def get_queryset(self) -> QuerySet[PipelineRun]:
-        return pipeline_runs_for_api()
+        return pipeline_runs_list()
 
     @extend_schema(responses=envelope_schema("pipeline_runs", PipelineRunSerializer, many=True))
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -120,7 +115,7 @@ class PipelineRunDetail(generics.RetrieveAPIView):
     serializer_class = PipelineRunDetailSerializer
 
     def get_queryset(self) -> QuerySet[PipelineRun]:
-        return pipeline_runs_for_api().prefetch_related(
+        return pipeline_runs_list().prefetch_related(
             Prefetch("block_runs", queryset=BlockRun.objects.order_by("id"))
         )
 

@@ -1,17 +1,90 @@
-"""Reads of run state shared by commands, pages and the API."""
+"""Reads of run state shared by commands, pages and the API: the API's run list, why a
+run waits, a finished run's summary, and the health report."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Min
+from django.db.models import Min, QuerySet
 from django.utils import timezone
 
-from runs.models import BlockRun, BlockRunStatus, Heartbeat, HeartbeatKind
+from runs.models import (
+    BlockRun,
+    BlockRunStatus,
+    Heartbeat,
+    HeartbeatKind,
+    PipelineRun,
+    PipelineRunStatus,
+)
+
+
+def pipeline_runs_list() -> QuerySet[PipelineRun]:
+    """Newest first, the pipeline joined so that a page costs one query whatever its
+    size (plus the count)."""
+    return PipelineRun.objects.select_related("pipeline").order_by("-created_at", "-id")
+
+
+# --- why a run waits, and what it did ---------------------------------------------------------
+
+def run_wait_reason(run: PipelineRun) -> str:
+    """Why a run that has not finished has nothing to execute right now, in a sentence
+    (empty when it is not waiting)."""
+    if run.waiting_for_run_slot:
+        limit = run.pipeline.pipeline_run_limit
+        others = list(PipelineRun.objects.filter(pipeline_id=run.pipeline_id, status=PipelineRunStatus.RUNNING).values_list("id", flat=True)[:10])
+        return f"waiting for a run slot: its pipeline's pipeline_run_limit ({limit}) is taken by run(s) {_ids(others)}"
+    if run.waiting_for_slot:
+        holders = BlockRun.objects.filter(status__in=[BlockRunStatus.QUEUED, BlockRunStatus.RUNNING]).exclude(pipeline_run=run)
+        runs = sorted(set(holders.values_list("pipeline_run_id", flat=True)[:1000]))
+        queued = holders.filter(status=BlockRunStatus.QUEUED).count()
+        return (
+            f"waiting for a slot: the {settings.MILLRACE_CONCURRENCY} block runs allowed at once (MILLRACE_CONCURRENCY) "
+            f"are taken by run(s) {_ids(runs)}, {queued} of them queued for a worker; "
+            "if no worker runs (manage.py qcluster), they wait until one does or until they are cancelled"
+        )
+    retry = run.block_runs.filter(status=BlockRunStatus.INITIAL, next_retry_at__isnull=False).order_by("next_retry_at").first()
+    if retry is not None:
+        return f"waiting to retry block {retry.block_uuid} at {retry.next_retry_at:%H:%M:%S} UTC"
+    return ""
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+
+
+def run_no_worker_reason(run: PipelineRun) -> str:
+    """When a run's blocks are queued and no worker cluster is alive to take them, that
+    in a sentence; else empty."""
+    if not run.block_runs.filter(status=BlockRunStatus.QUEUED).exists():
+        return ""
+    if Heartbeat.objects.filter(kind=HeartbeatKind.CLUSTER).exists():
+        return ""
+    return "its blocks are queued, and no worker cluster is running: start one (manage.py qcluster), or run with --sync"
+
+
+def run_summary(run: PipelineRun) -> list[dict[str, Any]]:
+    """Each block run of a run, in creation order: uuid, status, duration, error and
+    traceback."""
+    rows = []
+    for br in run.block_runs.order_by("id"):
+        rows.append(
+            {
+                "block_uuid": br.block_uuid,
+                "status": br.status,
+                "duration": br.duration,
+                "error": br.error,
+                "traceback": br.traceback,
+            }
+        )
+    return rows
+
+
+# --- health ------------------------------------------------------------------------------------
 
 # A scheduler that has not ticked for this many of its intervals (and at least
 # SCHEDULER_SILENT_MIN seconds) is reported down.

@@ -11,21 +11,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.utils import timezone
 
 from pipelines import execution
 from pipelines.models import Pipeline
 from runs import orchestrator
-from runs.models import (
-    RUN_TERMINAL,
-    BlockRun,
-    BlockRunStatus,
-    Heartbeat,
-    HeartbeatKind,
-    PipelineRun,
-    PipelineRunStatus,
-)
+from runs.models import RUN_TERMINAL, BlockRunStatus, Heartbeat, PipelineRun, PipelineRunStatus
+from runs.selectors import run_no_worker_reason, run_wait_reason
 
 
 def run_execute_sync(run: PipelineRun, *, poll: float = 0.05, on_wait: Callable[[str], None] | None = None) -> PipelineRun:
@@ -56,32 +48,6 @@ def run_execute_sync(run: PipelineRun, *, poll: float = 0.05, on_wait: Callable[
         pending.extend(orchestrator.advance(run.pk))
 
 
-def run_wait_reason(run: PipelineRun) -> str:
-    """Why a run that has not finished has nothing to execute right now, in a sentence
-    (empty when it is not waiting)."""
-    if run.waiting_for_run_slot:
-        limit = run.pipeline.pipeline_run_limit
-        others = list(PipelineRun.objects.filter(pipeline_id=run.pipeline_id, status=PipelineRunStatus.RUNNING).values_list("id", flat=True)[:10])
-        return f"waiting for a run slot: its pipeline's pipeline_run_limit ({limit}) is taken by run(s) {_ids(others)}"
-    if run.waiting_for_slot:
-        holders = BlockRun.objects.filter(status__in=[BlockRunStatus.QUEUED, BlockRunStatus.RUNNING]).exclude(pipeline_run=run)
-        runs = sorted(set(holders.values_list("pipeline_run_id", flat=True)[:1000]))
-        queued = holders.filter(status=BlockRunStatus.QUEUED).count()
-        return (
-            f"waiting for a slot: the {settings.MILLRACE_CONCURRENCY} block runs allowed at once (MILLRACE_CONCURRENCY) "
-            f"are taken by run(s) {_ids(runs)}, {queued} of them queued for a worker; "
-            "if no worker runs (manage.py qcluster), they wait until one does or until they are cancelled"
-        )
-    retry = run.block_runs.filter(status=BlockRunStatus.INITIAL, next_retry_at__isnull=False).order_by("next_retry_at").first()
-    if retry is not None:
-        return f"waiting to retry block {retry.block_uuid} at {retry.next_retry_at:%H:%M:%S} UTC"
-    return ""
-
-
-def _ids(ids: list[int]) -> str:
-    return ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
-
-
 def run_wait(
     run: PipelineRun, *, timeout: float | None = None, poll: float = 0.05, on_wait: Callable[[str], None] | None = None,
 ) -> PipelineRun:
@@ -98,34 +64,11 @@ def run_wait(
             return run
         if on_wait is not None and time.monotonic() >= next_look:
             next_look = time.monotonic() + 1.0
-            reason = run_wait_reason(run) or _no_worker_reason(run)
+            reason = run_wait_reason(run) or run_no_worker_reason(run)
             if reason and reason != told:
                 on_wait(reason)
             told = reason
         time.sleep(poll)
-
-
-def _no_worker_reason(run: PipelineRun) -> str:
-    if not run.block_runs.filter(status=BlockRunStatus.QUEUED).exists():
-        return ""
-    if Heartbeat.objects.filter(kind=HeartbeatKind.CLUSTER).exists():
-        return ""
-    return "its blocks are queued, and no worker cluster is running: start one (manage.py qcluster), or run with --sync"
-
-
-def run_summary(run: PipelineRun) -> list[dict[str, Any]]:
-    rows = []
-    for br in run.block_runs.order_by("id"):
-        rows.append(
-            {
-                "block_uuid": br.block_uuid,
-                "status": br.status,
-                "duration": br.duration,
-                "error": br.error,
-                "traceback": br.traceback,
-            }
-        )
-    return rows
 
 
 # --- batch operations (pages, admin actions, API and commands all call these) --------------

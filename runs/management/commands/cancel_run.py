@@ -1,6 +1,10 @@
+"""`manage.py cancel_run <id>...`: a thin command over `runs.services.runs_cancel`."""
+
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from runs import services
 
@@ -8,10 +12,10 @@ from runs import services
 class Command(BaseCommand):
     help = "Cancel runs: every unfinished block run is cancelled and its processes killed. Prints what changed."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("run_ids", nargs="+", type=int, metavar="id")
 
-    def handle(self, *args, **opts):
+    def handle(self, *args: Any, **opts: Any) -> None:
         result = services.runs_cancel(opts["run_ids"])
         for run_id in result.changed:
             self.stdout.write(f"Run {run_id} cancelled")

@@ -1,17 +1,21 @@
+"""`manage.py run_pipeline <uuid> [--runtime-vars JSON] [--sync] [--timeout S]`."""
+
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
 from config.common import jsonsafe
 from pipelines import execution
 from pipelines.models import Pipeline
 from runs import orchestrator
-from runs.models import PipelineRunStatus
-from runs.services import run_execute_sync, run_summary, run_wait
+from runs.models import PipelineRun, PipelineRunStatus
+from runs.selectors import run_summary
+from runs.services import run_execute_sync, run_wait
 
 TRACEBACK_LINES = 12
 
@@ -23,7 +27,7 @@ class Command(BaseCommand):
     # second. `manage.py check` and every other command still run them.
     requires_system_checks: list[str] = []
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("uuid")
         parser.add_argument("--runtime-vars", default=None, help='JSON object, e.g. \'{"k": "v"}\'')
         parser.add_argument("--sync", action="store_true", help="Execute here, with no worker running.")
@@ -43,7 +47,7 @@ class Command(BaseCommand):
         connections.close_all()
         os._exit(code)
 
-    def handle(self, *args, **opts):
+    def handle(self, *args: Any, **opts: Any) -> None:
         if opts["sync"]:
             # The fork server starts (a new interpreter) while this process reads the
             # pipeline and creates the run, instead of after.
@@ -67,7 +71,7 @@ class Command(BaseCommand):
         if run.status != PipelineRunStatus.COMPLETED:
             raise SystemExit(1)
 
-    def _report(self, run) -> None:
+    def _report(self, run: PipelineRun) -> None:
         for row in run_summary(run):
             duration = f"{row['duration']:.3f}s" if row["duration"] is not None else "-"
             self.stdout.write(f"  {row['block_uuid']:<32} {row['status']:<17} {duration}")
@@ -80,7 +84,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Run {run.pk} {run.status}{duration}")
 
 
-def _parse_vars(raw: str | None) -> dict:
+def _parse_vars(raw: str | None) -> dict[str, Any]:
     """The `--runtime-vars` JSON object, by the rules every other entry point uses
     (config.common.jsonsafe): the error names the option and where in it."""
     if raw is None:
