@@ -62,8 +62,10 @@ class TriggerAdminForm(forms.ModelForm):
 
     def save_with_service(self, obj: Trigger, *, change: bool, user: Any) -> Trigger:
         if change:
-            # A fresh copy: the form has already set the new values on `obj`, and the
-            # service compares against the stored ones to know what changed.
+            # The service the API's PUT calls too: fields and status in one validation
+            # and one transaction. A fresh copy: the form has already set the new values
+            # on `obj`, and the service compares against the stored ones to know what
+            # changed.
             saved = services.trigger_update(Trigger.objects.get(pk=obj.pk), **self._given())
         else:
             saved = services.trigger_create(created_by=user, **self._given())

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django.db import transaction
 from django.db.models import Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -211,9 +210,9 @@ class PipelineScheduleDetail(APIView):
     def put(self, request: Request, pk: int) -> Response:
         trigger = _trigger_get(pk)
         fields = _schedule_input(request, partial=True)
-        # One transaction: a refused status change also undoes the field changes.
-        with transaction.atomic():
-            trigger = _apply_update(trigger, fields)
+        # Fields and status in one service call (the admin's change form makes the same
+        # one): one validation, one transaction, so activating reads the new schedule.
+        trigger = services.trigger_update(trigger, **fields)
         return envelope("pipeline_schedule", _schedule_body(request, _trigger_get(trigger.pk)))
 
     @extend_schema(
@@ -229,18 +228,6 @@ class PipelineScheduleDetail(APIView):
         body = _schedule_body(request, trigger)
         services.trigger_delete(trigger)
         return envelope("pipeline_schedule", body)
-
-
-def _apply_update(trigger: Trigger, fields: dict[str, Any]) -> Trigger:
-    """Fields first, then the status, so that activating reads the new schedule."""
-    new_status = fields.pop("status", None)
-    if fields:
-        trigger = services.trigger_update(trigger, **fields)
-    if new_status == TriggerStatus.ACTIVE and trigger.status != TriggerStatus.ACTIVE:
-        trigger = services.trigger_activate(trigger)
-    elif new_status == TriggerStatus.INACTIVE and trigger.status != TriggerStatus.INACTIVE:
-        trigger = services.trigger_pause(trigger)
-    return trigger
 
 
 class PipelineScheduleRotateToken(APIView):

@@ -80,6 +80,22 @@ def test_changing_the_schedule_recomputes_the_next_run(admin_client, etl):
     assert Trigger.objects.get(pk=trigger.pk).settings == {}
 
 
+def test_the_change_form_edits_and_activates_in_one_save(admin_client, etl):
+    trigger = services.trigger_create(pipeline=etl, name="nightly", schedule_interval="0 3 * * *")
+    url = reverse("admin:triggers_trigger_change", args=[trigger.pk])
+    data = trigger_form(etl, schedule_interval="15 4 * * *", status="active", settings='{"create_initial_pipeline_run": true}')
+    data.pop("pipeline")
+    response = admin_client.post(url, data)
+    assert response.status_code == 302, errors_of(response)
+    trigger.refresh_from_db()
+    assert trigger.status == "active" and (trigger.next_run_at.hour, trigger.next_run_at.minute) == (4, 15)
+    assert PipelineRun.objects.filter(trigger=trigger).count() == 1  # the activation's initial run
+    paused = admin_client.post(url, {**data, "name": "renamed", "status": "inactive"})
+    assert paused.status_code == 302, errors_of(paused)
+    trigger.refresh_from_db()
+    assert (trigger.name, trigger.status, trigger.next_run_at) == ("renamed", "inactive", None)
+
+
 def test_the_list_shows_the_scheduler_error_and_filters_on_it(admin_client, etl):
     services.trigger_create(pipeline=etl, name="healthy", schedule_interval="@daily", status="active")
     broken = services.trigger_create(pipeline=etl, name="broken", schedule_interval="@daily", status="active")

@@ -162,6 +162,39 @@ def test_create_initial_pipeline_run_starts_one_run_on_activation():
     assert trigger.next_run_at == utc(2024, 3, 1, 11)
 
 
+def test_an_update_with_a_status_validates_once_and_activates_on_the_new_schedule():
+    trigger = create(settings={"create_initial_pipeline_run": True})
+    services.trigger_update(trigger, schedule_interval="0 5 * * *", status="active", now=NOW)
+    trigger.refresh_from_db()
+    assert trigger.status == "active" and trigger.next_run_at == utc(2024, 3, 2, 5)
+    assert PipelineRun.objects.filter(trigger=trigger).count() == 1  # the activation's initial run
+
+
+def test_a_refused_update_with_a_status_changes_neither():
+    trigger = create()
+    with pytest.raises(ValidationError) as info:
+        services.trigger_update(trigger, name="new name", settings={"timeout": -1}, status="active", now=NOW)
+    assert "settings" in info.value.message_dict
+    trigger.refresh_from_db()
+    assert (trigger.status, trigger.name, trigger.next_run_at) == ("inactive", "t", None)
+
+
+def test_an_update_of_the_status_alone_pauses_even_a_broken_trigger():
+    trigger = create(status="active")
+    Trigger.objects.filter(pk=trigger.pk).update(schedule_interval="every day")
+    trigger.refresh_from_db()
+    services.trigger_update(trigger, status="inactive", now=NOW)
+    trigger.refresh_from_db()
+    assert trigger.status == "inactive" and trigger.next_run_at is None
+
+
+def test_an_update_to_inactive_with_fields_saves_both():
+    trigger = create(status="active")
+    services.trigger_update(trigger, name="renamed", status="inactive", now=NOW)
+    trigger.refresh_from_db()
+    assert (trigger.name, trigger.status, trigger.next_run_at) == ("renamed", "inactive", None)
+
+
 def test_create_initial_pipeline_run_on_an_active_creation():
     trigger = create(status="active", settings={"create_initial_pipeline_run": True})
     assert PipelineRun.objects.filter(trigger=trigger).count() == 1

@@ -12,8 +12,8 @@ run.
 One module per sub-topic; callers import from here (`from triggers import services`):
 
 - `validation`: the field checks every service (and the admin's forms) run;
-- `triggers`: create, update, activate, pause, delete, run once now, and the run a
-  trigger makes;
+- `triggers`: create, update (fields and status in one go), activate, pause, delete,
+  run once now, and the run a trigger makes;
 - `api_trigger`: the API trigger's token and firing a run from it;
 - `events`: recording an event and the runs of the triggers it matches;
 - `backfills`: one run per logical date, cancelling, finishing.

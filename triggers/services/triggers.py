@@ -1,5 +1,5 @@
-"""Writes of a trigger's own row: create, update, activate, pause, delete, "run once
-now", and the run a trigger makes.
+"""Writes of a trigger's own row: create, update (fields and status together),
+activate, pause, delete, "run once now", and the run a trigger makes.
 
 `next_run_at` is written here (when a trigger is created, activated, paused or its
 schedule changes) and by the scheduler (when a trigger fires), nowhere else.
@@ -122,12 +122,32 @@ def trigger_create(
 
 
 def trigger_update(trigger: Trigger, *, now: datetime | None = None, **fields: Any) -> Trigger:
-    """Change any of the fields `trigger_create` takes. A schedule change recomputes
-    `next_run_at` from now: editing creates no immediate run."""
-    now = now or djtz.now()
+    """Change any of the fields `trigger_create` takes, `status` included: the one
+    service behind the API's PUT/PATCH and the admin's change form.
+
+    1. A field that is not a trigger field is refused.
+    2. A `status` alone that is the current one changes nothing; `inactive` alone
+       pauses (`trigger_pause`: always possible, even for a trigger whose stored
+       schedule is broken). Nothing at all changes nothing.
+    3. Otherwise the whole trigger with the new values, status included, is validated
+       once and saved in one transaction, so activating reads the new schedule and a
+       refused value leaves every field as it was. A schedule change recomputes
+       `next_run_at` from now: editing creates no immediate run; activating may (with
+       `create_initial_pipeline_run`)."""
     unknown = [key for key in fields if key not in TRIGGER_FIELDS]
     if unknown:
         raise field_error(unknown[0], f"{unknown[0]} is not a trigger field that can be changed")
+    if not fields:
+        return trigger
+    if fields.keys() == {"status"}:
+        if fields["status"] == trigger.status:
+            return trigger
+        if fields["status"] == TriggerStatus.INACTIVE:
+            return trigger_pause(trigger)
+    return _trigger_write(trigger, fields, now or djtz.now())
+
+
+def _trigger_write(trigger: Trigger, fields: dict[str, Any], now: datetime) -> Trigger:
     # The whole trigger is checked, not only the changed fields: a value stored by an
     # older version must be fixed before anything else is saved.
     current = {name: getattr(trigger, name) for name in TRIGGER_FIELDS}
@@ -169,8 +189,9 @@ def _differs(new: Any, old: Any) -> bool:
 def trigger_activate(trigger: Trigger, *, now: datetime | None = None) -> Trigger:
     """Make the trigger active (validating everything it holds) and put it on schedule;
     with `create_initial_pipeline_run`, one run starts at once. Activating an active,
-    healthy trigger changes nothing."""
-    return trigger_update(trigger, status=TriggerStatus.ACTIVE, now=now)
+    healthy trigger changes nothing; an active trigger the scheduler flagged is checked
+    again and, if valid, put back on schedule."""
+    return _trigger_write(trigger, {"status": TriggerStatus.ACTIVE}, now or djtz.now())
 
 
 def trigger_pause(trigger: Trigger) -> Trigger:
