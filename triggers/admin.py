@@ -42,7 +42,8 @@ class TriggerAdminForm(forms.ModelForm):
         field_classes = json_field_classes(Trigger)
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         _json_default(cleaned, ("variables", "settings", "event_matcher"))
         if not self.errors:
             try:
@@ -192,7 +193,8 @@ class BackfillAdminForm(forms.ModelForm):
     _FIELD_NAMES = {"start": "start_datetime", "end": "end_datetime"}
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         _json_default(cleaned, ("variables",))
         if not self.errors:
             try:

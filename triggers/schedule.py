@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from itertools import islice
 
-from croniter import CroniterBadDateError, CroniterError, croniter
+# croniter ships no type hints (no py.typed) and types-croniter is not a dependency.
+from croniter import CroniterBadDateError, CroniterError, croniter  # type: ignore[import-untyped]
 
 PRESETS: dict[str, str] = {
     "@hourly": "0 * * * *",

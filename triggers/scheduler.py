@@ -124,7 +124,7 @@ def _fire_due_triggers(now: datetime, counts: dict[str, int], batch_size: int) -
         _start(batch.created)
         if len(triggers) < batch_size:
             return
-        after = (triggers[-1].next_run_at, triggers[-1].pk)
+        after = (_due_at(triggers[-1]), triggers[-1].pk)
 
 
 def _due_batch(now: datetime, batch_size: int, after: tuple[datetime, int] | None) -> list[Trigger]:
@@ -141,6 +141,14 @@ def _due_batch(now: datetime, batch_size: int, after: tuple[datetime, int] | Non
     if connection.features.has_select_for_update_skip_locked:
         due = due.select_for_update(skip_locked=True, of=("self",))
     return list(due[:batch_size])
+
+
+def _due_at(trigger: Trigger) -> datetime:
+    """The `next_run_at` of a trigger `_due_batch` took: set, since the query only takes
+    rows with `next_run_at <= now`."""
+    due = trigger.next_run_at
+    assert due is not None, f"trigger {trigger.pk} was taken as due without a next_run_at"
+    return due
 
 
 def _start(run_ids: list[int]) -> None:
@@ -205,7 +213,7 @@ def _fire_once(trigger: Trigger, batch: _Batch, created: list[int]) -> None:
     """`@once`: one run at its due time, then the trigger is done (inactive). With
     `skip_if_previous_running` and a run of the trigger unfinished, the one time is
     skipped."""
-    due = trigger.next_run_at
+    due = _due_at(trigger)
     if (trigger.settings or {}).get("skip_if_previous_running") and _has_unfinished_run(trigger):
         batch.counts["skipped"] += 1
     else:
@@ -233,16 +241,17 @@ def _fire_periodic(trigger: Trigger, interval: str, tz: str, now: datetime, batc
     one after the other: the next one waits until the previous run has finished."""
     settings = trigger.settings or {}
     serial = bool(settings.get("skip_if_previous_running"))
+    due = _due_at(trigger)
     if settings.get("catch_up") is True:
         if serial and _has_unfinished_run(trigger):
             return  # the missed times wait for the unfinished run
         limit = 1 if serial else CATCH_UP_LIMIT
-        times = list(islice(schedule.fire_times(interval, start=trigger.next_run_at, end=now, tz=tz), limit + 1))
+        times = list(islice(schedule.fire_times(interval, start=due, end=now, tz=tz), limit + 1))
         # More missed times than one tick takes: resume after the last one taken.
         resume_after = times[limit - 1] if len(times) > limit else now
         times = times[:limit]
     else:
-        latest = _latest_fire_time(interval, tz, now, trigger.next_run_at)
+        latest = _latest_fire_time(interval, tz, now, due)
         times = [latest] if latest is not None else []
         resume_after = now
         if serial and times and _has_unfinished_run(trigger):
