@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 
 from pipelines.models import Pipeline
 from runs.models import PipelineRun, RunType
-from tests.helpers import api_client, block_code, make_pipeline, user_in
+from tests.helpers import block_code, make_pipeline
 from triggers import services
 from triggers.models import Event, Trigger
 
@@ -29,17 +29,6 @@ def on_upload(pipeline: Pipeline) -> Trigger:
         event_matcher={"source": "s3", "name": "object_created", "filters": {"bucket": "raw"}},
         variables={"mode": "event"},
     )
-
-
-
-@pytest.fixture
-def editor() -> APIClient:
-    return api_client(user_in("erin", "editors"))
-
-
-@pytest.fixture
-def viewer() -> APIClient:
-    return api_client(user_in("vic", "viewers"))
 
 
 def post_event(client: APIClient, source: str, name: str, payload: object, *, wrap: bool = True):

@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 
 from pipelines.models import Pipeline
 from runs.models import PipelineRun, RunType
-from tests.helpers import api_client, block_code, make_pipeline, user_in
+from tests.helpers import block_code, make_pipeline
 from triggers import services
 from triggers.models import Trigger, TriggerStatus
 
@@ -37,23 +37,6 @@ def trigger(pipeline: Pipeline) -> Trigger:
         pipeline=pipeline, name="nightly", schedule_type="time", schedule_interval="0 2 * * *",
         variables={"limit": 5},
     )
-
-
-
-
-@pytest.fixture
-def editor() -> APIClient:
-    return api_client(user_in("erin", "editors"))
-
-
-@pytest.fixture
-def viewer() -> APIClient:
-    return api_client(user_in("vic", "viewers"))
-
-
-@pytest.fixture
-def staff() -> APIClient:
-    return api_client(user_in("sam", is_staff=True))
 
 
 # --- reading -----------------------------------------------------------------------------------
