@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin
 from django.db import models
@@ -66,17 +66,23 @@ def json_pre(value: Any) -> str:
 _SHOWN = "_shown"
 
 
-class SafeJSONReadOnly:
+if TYPE_CHECKING:
+    # What SafeJSONReadOnly is mixed into, so that its calls to the ModelAdmin's
+    # methods type-check; at run time the mixin's base is object.
+    _ModelAdminBase = admin.ModelAdmin[Any]
+else:
+    _ModelAdminBase = object
+
+
+class SafeJSONReadOnly(_ModelAdminBase):
     """Django shows a JSON field of a read-only change page (a viewer's, a backfill's)
     with `json.dumps(ensure_ascii=False)`, and a lone surrogate stored before jsonsafe
     existed then fails the whole page. On such a page each JSON field is shown by
     `json_pre` instead, under its own label (`<name>_shown` in the fieldsets)."""
 
-    model: type[models.Model]
-
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
-        fieldsets = super().get_fieldsets(request, obj)  # type: ignore[misc]
-        if obj is None or self.has_change_permission(request, obj):  # type: ignore[attr-defined]
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or self.has_change_permission(request, obj):
             return fieldsets
         names = _json_field_names(self.model)
         return [(title, {**options, "fields": _swap(options["fields"], names)}) for title, options in fieldsets]
@@ -84,10 +90,12 @@ class SafeJSONReadOnly:
     def __getattr__(self, name: str) -> Callable[[Any], str]:
         base = name.removesuffix(_SHOWN)
         if base != name and base in _json_field_names(self.model):
+            field = next(f for f in self.model._meta.concrete_fields if f.name == base)
+
+            @admin.display(description=field.verbose_name)
             def shown(obj: Any) -> str:
                 return json_pre(getattr(obj, base))
 
-            shown.short_description = self.model._meta.get_field(base).verbose_name  # type: ignore[attr-defined]
             return shown
         raise AttributeError(name)
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 class CycleError(ValueError):
     """The edges form a cycle; `cycle` lists the blocks along it, first block repeated last."""
 
-    def __init__(self, cycle: Sequence[str]):
+    def __init__(self, cycle: Sequence[str]) -> None:
         self.cycle = list(cycle)
         super().__init__("The blocks form a cycle: " + " -> ".join(self.cycle))
 
@@ -17,7 +17,7 @@ class CycleError(ValueError):
 def build_graph(blocks: Iterable[str], upstreams: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """Return {block: [its upstream blocks, in edge order]} for every block, refusing an
     edge to an unknown block."""
-    graph = {uuid: [] for uuid in blocks}
+    graph: dict[str, list[str]] = {uuid: [] for uuid in blocks}
     for uuid, ups in upstreams.items():
         if uuid not in graph:
             raise ValueError(f"Unknown block {uuid!r}")
@@ -31,7 +31,7 @@ def build_graph(blocks: Iterable[str], upstreams: Mapping[str, Sequence[str]]) -
 def topological_order(graph: Mapping[str, Sequence[str]]) -> list[str]:
     """Blocks in an order where every block comes after its upstreams. Ties keep the
     order in which blocks appear in `graph`, so the result is stable."""
-    sorter = graphlib.TopologicalSorter()
+    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
     for uuid, ups in graph.items():
         sorter.add(uuid, *ups)
     try:

@@ -121,7 +121,8 @@ class PipelineAdminForm(forms.ModelForm):
             self.fields["name"].help_text = "Empty: the same as the uuid."
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()  # ModelForm's returns self.cleaned_data
+        cleaned = self.cleaned_data
         if not cleaned.get("name") and cleaned.get("uuid"):
             cleaned["name"] = cleaned["uuid"]  # as pipeline_create names it
         _json_default(
@@ -148,14 +149,17 @@ class PipelineAdminForm(forms.ModelForm):
         return obj
 
 
-class UpstreamBlocksField(forms.CharField):
+class UpstreamBlocksField(forms.Field):
     """Upstream block uuids in order (the order of the block function's positional
-    arguments), separated by commas or whitespace."""
+    arguments), separated by commas or whitespace, typed in a text box. A Field, not a
+    CharField: its value is a list, not text."""
+
+    widget = forms.TextInput
 
     def to_python(self, value: Any) -> list[str]:
         if isinstance(value, list | tuple):
             return [str(v) for v in value]
-        text = super().to_python(value) or ""
+        text = "" if value in self.empty_values else str(value)
         return [part for part in re.split(r"[\s,]+", text) if part]
 
     def prepare_value(self, value: Any) -> Any:
@@ -185,9 +189,10 @@ class BlockAdminForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if "content" in self.fields:
+        content = self.fields.get("content")
+        if isinstance(content, forms.CharField):
             # Keep code exactly as typed, apart from the browser's CRLF line endings.
-            self.fields["content"].strip = False
+            content.strip = False
         if "position" in self.fields and self.instance.pk is None:
             self.fields["position"].required = False
             self.fields["position"].help_text = "Leave empty to put the block last."
@@ -217,7 +222,8 @@ class BlockAdminForm(forms.ModelForm):
         return (self.cleaned_data.get("content") or "").replace("\r\n", "\n")
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()  # ModelForm's returns self.cleaned_data
+        cleaned = self.cleaned_data
         _json_default(cleaned, {"configuration": {}, "extra": {}})
         # 1. Field checks that need no database (syntax, types), reported even when
         #    another field is wrong.
@@ -238,7 +244,7 @@ class BlockAdminForm(forms.ModelForm):
         return cleaned
 
     def _post_clean(self) -> None:
-        super()._post_clean()
+        super()._post_clean()  # type: ignore[misc]  # django-stubs omit BaseModelForm._post_clean
         # A uuid already used in the pipeline fails the dry run's insert; ModelForm's
         # unique check, which runs after clean(), names it. Anything else is shown raw.
         if self._integrity_error is not None and not self.errors:
@@ -302,7 +308,8 @@ class BlockEdgeAdminForm(forms.ModelForm):
         fields = ("downstream", "upstream", "position")
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()  # ModelForm's returns self.cleaned_data
+        cleaned = self.cleaned_data
         if not self.errors:
             try:
                 _dry_run(lambda: self._set_upstreams(Block.objects.get(pk=cleaned["downstream"].pk)))
@@ -312,7 +319,7 @@ class BlockEdgeAdminForm(forms.ModelForm):
 
     def _get_validation_exclusions(self) -> set[str]:
         # An empty position means "last"; the service numbers the edges.
-        return {*super()._get_validation_exclusions(), "position"}
+        return {*super()._get_validation_exclusions(), "position"}  # type: ignore[misc]  # not in django-stubs
 
     def _set_upstreams(self, downstream: Block) -> None:
         upstream = self.cleaned_data["upstream"].uuid

@@ -98,7 +98,7 @@ class Block(models.Model):
     # The block's place in the pipeline's metadata.yaml (and the editor's order).
     position = models.PositiveIntegerField(default=0)
     extra = models.JSONField(default=dict, blank=True)
-    upstreams = models.ManyToManyField(
+    upstreams: models.ManyToManyField[Block, BlockEdge] = models.ManyToManyField(
         "self", through="BlockEdge", through_fields=("downstream", "upstream"),
         symmetrical=False, related_name="downstreams",
     )

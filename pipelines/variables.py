@@ -13,9 +13,9 @@ import os
 import pickle
 import shutil
 from collections.abc import Callable
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 KIND_DATAFRAME = "dataframe"
 KIND_JSON = "json"
@@ -262,7 +262,7 @@ def delete_prefix(prefix: str) -> None:
     shutil.rmtree(_path(prefix), ignore_errors=True)
 
 
-def open_file(key: str, mode: str = "rb") -> BinaryIO:
+def open_file(key: str, mode: Literal["rb", "wb"] = "rb") -> BinaryIO:
     """A file of the store by its key (a block run's whole log, say), for the callers
     that write or stream one themselves; its folder is created for writing."""
     path = _path(key)

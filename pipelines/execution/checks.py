@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class BlockCodeError(ValueError):
-    def __init__(self, message: str, line: int | None = None):
+    def __init__(self, message: str, line: int | None = None) -> None:
         self.line = line
         super().__init__(message)
 

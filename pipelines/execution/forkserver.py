@@ -44,7 +44,7 @@ class ForkServerError(OSError):
 
 
 class ForkServer:
-    def __init__(self, run_path: str):
+    def __init__(self, run_path: str) -> None:
         """Start a server whose children run the block function named by `run_path`
         ("package.module:function", called as function(spec, logger, context))."""
         self.owner = os.getpid()
@@ -151,7 +151,7 @@ class _Server:
     """The server's loop. It keeps one child forked ahead; on a spawn request it hands
     that child its descriptors and forks the next."""
 
-    def __init__(self, sock: socket.socket, child_main: Callable[[int, int], None]):
+    def __init__(self, sock: socket.socket, child_main: Callable[[int, int], None]) -> None:
         self.sock = sock
         self.child_main = child_main
         self.children: set[int] = set()

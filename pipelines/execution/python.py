@@ -207,11 +207,8 @@ def user_traceback(exc: BaseException, filename: str) -> str:
     """The traceback from the first frame in the block's own file, so the user sees
     their code and not the executor's."""
     frames = traceback.extract_tb(exc.__traceback__)
-    for i, frame in enumerate(frames):
-        if frame.filename == filename:
-            frames = frames[i:]
-            break
-    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    start = next((i for i, frame in enumerate(frames) if frame.filename == filename), 0)
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames[start:])]
     lines.extend(traceback.format_exception_only(type(exc), exc))
     return "".join(lines)
 

@@ -61,11 +61,12 @@ class LogLine(NamedTuple):
     message: str
 
 
-class LogChunk(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class LogChunk:
     """Lines of stdout or stderr read together (`count` of them, separated by newlines in
     `text`), which share a time and a level. The supervisor hands output on in chunks: a
     block may print a million lines, and making an object of each line was most of what
-    keeping up with it cost."""
+    keeping up with it cost. (Not a NamedTuple: its `count` would hide tuple.count.)"""
 
     timestamp: float
     level: str
@@ -74,7 +75,7 @@ class LogChunk(NamedTuple):
 
     def lines(self) -> list[LogLine]:
         # tuple.__new__ through map: no Python call per line.
-        return list(map(tuple.__new__, repeat(LogLine), zip(repeat(self.timestamp), repeat(self.level), self.text.split("\n"))))  # type: ignore[arg-type]
+        return list(map(tuple.__new__, repeat(LogLine), zip(repeat(self.timestamp), repeat(self.level), self.text.split("\n"))))
 
 
 def log_lines(items: Iterable[LogLine | LogChunk]) -> list[LogLine]:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from argparse import ArgumentParser
+from typing import Any
+
 from django.core.management.base import BaseCommand, CommandError
 
 from pipelines.mage_format import MageFormatError, export_pipeline
@@ -12,11 +15,11 @@ class Command(BaseCommand):
         "the block files under their type folders (plus a project metadata.yaml if missing)."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("uuid")
         parser.add_argument("directory", help="The Mage project folder to write into (created if missing).")
 
-    def handle(self, *args, **opts):
+    def handle(self, *args: Any, **opts: Any) -> None:
         pipeline = Pipeline.objects.filter(uuid=opts["uuid"]).first()
         if pipeline is None:
             raise CommandError(f"No pipeline {opts['uuid']!r}")
