@@ -374,10 +374,10 @@ def _supervise(
     try:
         while pipes.is_open():
             if session and state.block_done():
-                alive = True
+                alive = True  # and ready for the next block
                 break
             wait = state.wait_time(time.monotonic())
-            if wait is None:
+            if wait is None:  # the child has ended and its output has stopped coming
                 break
             batch, read_some = state.read(wait)
             if batch:
