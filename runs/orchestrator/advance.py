@@ -1,11 +1,11 @@
-"""Advancing a run: which blocks are ready, the limits they wait for, the run's own
-status; and sending queued block runs to the workers."""
+"""Advancing a run: writing what `decide` decides (blocks that cannot run, blocks that
+start, the run's own status), and sending queued block runs to the workers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -15,7 +15,6 @@ from pipelines.models import Pipeline
 from pipelines.selectors import PipelineDefinition, pipeline_definition
 from runs.models import (
     BLOCK_ACTIVE,
-    BLOCK_TERMINAL,
     RUN_TERMINAL,
     BlockRun,
     BlockRunStatus,
@@ -23,123 +22,29 @@ from runs.models import (
     PipelineRun,
     PipelineRunStatus,
 )
+from runs.orchestrator import decide
+from runs.orchestrator.decide import BlockState, Plan
 from runs.orchestrator.isolate import isolated, run_fail
 from runs.orchestrator.sql import (
-    _CONCURRENCY,
-    _block_statuses,
-    _claim,
-    _log_row,
-    _refresh_run_sql,
-    _RunRead,
+    ChainClaim,
+    RunRead,
+    block_states,
+    claim_block_run,
+    log_row,
+    read_run_row,
+    run_refreshed,
 )
 
 S = BlockRunStatus
 
 
-_FAILED_UPSTREAM = frozenset({S.FAILED, S.UPSTREAM_FAILED, S.CANCELLED})
 # Postgres advisory lock key guarding the global concurrency count ("millrace").
 _SLOTS_LOCK_KEY = 0x6D696C6C
 
 
-def advance(run_id: int, *, freed: int = 0) -> list[int]:
-    return _advance(run_id, freed=freed)[0]
-
-
-def _advance(
-    run_id: int, *, freed: int = 0, claim: str = "", known: PipelineRun | None = None, read: _RunRead | None = None,
-) -> tuple[list[int], _Claimed | None]:
-    """Move a run forward and return the ids of the block runs it queued. The caller
-    executes them or hands them to `dispatch`.
-
-    1. Lock the run's row; a finished run is left alone, and a run that has not started
-       waits while its pipeline's `pipeline_run_limit` is reached.
-    2. Walk the blocks in topological order: an `initial` block below a failed,
-       cancelled or upstream-failed block becomes `upstream_failed`; below a skipped
-       (condition-failed) block it is skipped too; with every upstream completed it is
-       ready.
-    3. Queue as many ready blocks as the pipeline's `block_run_limit` and the global
-       concurrency limit allow (counted from the database under a lock, never in memory).
-    4. Compute the run's status: finished when every block run is, failed when any
-       failed, otherwise running.
-
-    `freed` is the number of global slots the caller has just released in the same
-    transaction (a block that finished): up to that many ready blocks take them over
-    without counting the active block runs again. With `claim`, when exactly one block
-    is ready it goes from `initial` to `running` under that claim in one step, for the
-    caller to execute (a chain), and comes back as the second value instead of in the
-    list; so does the block that the caller's own query claimed (`read.chained`).
-    `known` is the run (with its pipeline) as the caller last loaded it: only what can
-    change is read again, or nothing when the caller has read it already (`read`, in
-    this transaction, with the run's row locked).
-    """
-    now = timezone.now()
-    chained = read.chained if read is not None else None
-    if chained is not None:
-        # The caller's query claimed the next block of a chain already: it has taken
-        # the slot the finished block freed, and nothing else is claimed here.
-        freed, claim = 0, ""
-    # No savepoint when called inside `_finish`: it would add two statements per block
-    # and buys nothing, since any error there rolls back the whole transaction anyway.
-    with transaction.atomic(savepoint=False):
-        run = _refreshed(known, read.run_row) if known is not None and read is not None else None
-        if run is None:
-            run, read = _lock_run(run_id, known), None
-        if run is None or run.status in RUN_TERMINAL:
-            return [], None
-        if run.status == PipelineRunStatus.INITIAL and not _may_start(run):
-            return [], None
-        rows = read.block_rows if read is not None else _block_statuses(run_id, now)
-        ids = {uuid: pk for pk, uuid, _, _, _ in rows}
-        status = {uuid: st for _, uuid, st, _, _ in rows}
-        retry_later = {uuid for _, uuid, _, _, waits in rows if waits}
-        definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
-        ready, skipped, broken = _classify(definition, status)
-        ready = [u for u in ready if u not in retry_later]
-        if broken:
-            BlockRun.objects.filter(id__in=[ids[u] for u, _ in broken], status=S.INITIAL).update(
-                status=S.UPSTREAM_FAILED, completed_at=now, updated_at=now
-            )
-            LogEntry.objects.bulk_create(
-                _log_row(run_id, None, now, "WARNING", f"Block {u} not run: upstream block {up} did not complete", u)
-                for u, up in broken
-            )
-        if skipped:
-            BlockRun.objects.filter(id__in=[ids[u] for u in skipped], status=S.INITIAL).update(
-                status=S.CONDITION_FAILED, completed_at=now, updated_at=now
-            )
-        queued: list[int] = []
-        claimed: _Claimed | None = None
-        waiting = False
-        if ready:
-            room = _room_in_run(_block_limit(run.pipeline), status)
-            if room > 0:
-                room = min(room, len(ready))
-                room, waiting = (room, False) if room <= freed else _take_global_slots(room)
-            queued = [ids[u] for u in ready[:room]]
-            if claim and len(queued) == 1:
-                _claim(queued[0], claim, now, from_status=S.INITIAL)
-                attempt = next(a for pk, _, _, a, _ in rows if pk == queued[0]) + 1
-                claimed = _Claimed(run, definition, queued[0], ready[0], claim, attempt)
-                status[ready[0]], queued = S.RUNNING, []
-            elif queued:
-                BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(
-                    status=S.QUEUED, queued_at=now, next_retry_at=None, updated_at=now,
-                )
-                for u in ready[:room]:
-                    status[u] = S.QUEUED
-        if chained is not None:
-            uuid, chain_claim = chained
-            pk, attempt = next((pk, a) for pk, u, _, a, _ in rows if u == uuid)
-            claimed = _Claimed(run, definition, pk, uuid, chain_claim, attempt)
-        _set_run_status(run, status, waiting, now)
-        if run.status in RUN_TERMINAL and run.pipeline.pipeline_run_limit:
-            queued += start_waiting_runs(run.pipeline_id)
-    return queued, claimed
-
-
 @dataclass
-class _Claimed:
-    """A block run that `_advance` claimed for its caller to execute next."""
+class Claimed:
+    """A block run that an advance claimed for the worker that called it to run next."""
 
     run: PipelineRun
     definition: PipelineDefinition
@@ -149,18 +54,143 @@ class _Claimed:
     attempt: int
 
 
-def _lock_run(run_id: int, known: PipelineRun | None = None) -> PipelineRun | None:
+class Advanced(NamedTuple):
+    """What an advance did: the block runs it queued (for `dispatch`, or for the caller
+    to execute) and the one it claimed for the caller to run next, if any."""
+
+    queued: list[int]
+    claimed: Claimed | None = None
+
+
+def advance(run_id: int, *, freed: int = 0) -> list[int]:
+    """Move a run forward and return the ids of the block runs it queued. The caller
+    executes them or hands them to `dispatch`.
+
+    1. Lock the run's row (`lock_run`).
+    2. A finished run is left alone; a run that has not started waits while its
+       pipeline's `pipeline_run_limit` is reached (`_may_start`).
+    3. Plan (`decide.plan`): blocks below a failure become `upstream_failed`, blocks
+       below a skipped block are skipped, blocks with every upstream completed are ready.
+    4. Admit (`decide.admit`) as many ready blocks as the pipeline's `block_run_limit`
+       and the global concurrency limit allow (counted from the database under a lock,
+       never in memory), and queue them.
+    5. Set the run's status (`decide.run_outcome`); a run that ends lets the next run of
+       its pipeline start if a `pipeline_run_limit` held it back.
+
+    `freed` is the number of global slots the caller has just released in the same
+    transaction: up to that many ready blocks take them over without counting again."""
+    with transaction.atomic(savepoint=False):
+        run = lock_run(run_id)
+        return _advance_locked(run, None, freed=freed).queued if run is not None else []
+
+
+def advance_after_result(run_id: int, known: PipelineRun | None, read: RunRead | None, *, claim: str) -> Advanced:
+    """The advance that recording a block's result makes, in the same transaction, with
+    the global slot that block freed to hand on. With `claim`, the next block of a chain
+    (`decide.next_in_chain`) is claimed under it for the caller to run, rather than
+    queued; so is the one the result's own query claimed already (`read.chained`).
+
+    `known` is the run (with its pipeline) as the caller loaded it, and `read` what the
+    result's query read with the run's row locked: then nothing is read again. With
+    `known` alone, one statement reads only the fields that can have changed."""
+    # No savepoint: it would add two statements per block and buys nothing, since any
+    # error here rolls back the caller's whole transaction anyway.
+    with transaction.atomic(savepoint=False):
+        run = run_refreshed(known, read.run) if known is not None and read is not None else None
+        blocks = read.blocks if run is not None and read is not None else None
+        run = run or lock_run(run_id, known)
+        if run is None:
+            return Advanced([])
+        chained = read.chained if read is not None else None
+        if chained is not None:
+            # The query claimed the next block of a chain: it took the freed slot, and
+            # nothing else is claimed here.
+            return _advance_locked(run, blocks, freed=0, chained=chained)
+        return _advance_locked(run, blocks, freed=1, claim=claim)
+
+
+def _advance_locked(
+    run: PipelineRun, blocks: list[BlockState] | None, *, freed: int, claim: str = "", chained: ChainClaim | None = None,
+) -> Advanced:
+    """Steps 2 to 5 of `advance`, on a run whose row this transaction holds locked."""
+    if run.status in RUN_TERMINAL or (run.status == PipelineRunStatus.INITIAL and not _may_start(run)):
+        return Advanced([])
+    now = timezone.now()
+    definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
+    plan = decide.plan(definition, blocks if blocks is not None else block_states(run.pk, now))
+    _mark_not_run(run.pk, plan, now)
+    limit = decide.block_limit(run.pipeline.block_run_limit, run.pipeline.run_pipeline_in_one_process)
+    admitted, waiting = decide.admit(
+        plan.ready, room=decide.room_in_run(limit, plan.status), freed=freed, grant=take_global_slots,
+    )
+    queued: list[int] = []
+    claimed: Claimed | None = None
+    next_uuid = decide.next_in_chain(admitted) if claim else None
+    if next_uuid is not None:
+        claimed = _claim_next(run, definition, plan, next_uuid, claim, now)
+    else:
+        queued = queue_block_runs(plan, admitted, now)
+    if chained is not None:
+        state = plan.blocks[chained.block_uuid]
+        claimed = Claimed(run, definition, state.id, chained.block_uuid, chained.claim, state.attempt)
+    _set_run_status(run, plan.status, waiting, now)
+    if run.status in RUN_TERMINAL and run.pipeline.pipeline_run_limit:
+        queued += start_waiting_runs(run.pipeline_id)
+    return Advanced(queued, claimed)
+
+
+def _mark_not_run(run_id: int, plan: Plan, now: datetime) -> None:
+    """Write step 3's blocks that will not run: upstream-failed (with a line that says
+    which upstream) and skipped."""
+    if plan.broken:
+        BlockRun.objects.filter(id__in=plan.ids(u for u, _ in plan.broken), status=S.INITIAL).update(
+            status=S.UPSTREAM_FAILED, completed_at=now, updated_at=now
+        )
+        LogEntry.objects.bulk_create(
+            log_row(run_id, None, now, "WARNING", f"Block {u} not run: upstream block {up} did not complete", u)
+            for u, up in plan.broken
+        )
+    if plan.skipped:
+        BlockRun.objects.filter(id__in=plan.ids(plan.skipped), status=S.INITIAL).update(
+            status=S.CONDITION_FAILED, completed_at=now, updated_at=now
+        )
+
+
+def _claim_next(run: PipelineRun, definition: PipelineDefinition, plan: Plan, uuid: str, claim: str, now: datetime) -> Claimed:
+    """Take the one admitted block from `initial` to `running` under `claim`, for the
+    caller to run next."""
+    state = plan.blocks[uuid]
+    claim_block_run(state.id, claim, now, from_status=S.INITIAL)
+    plan.status[uuid] = S.RUNNING
+    return Claimed(run, definition, state.id, uuid, claim, state.attempt + 1)
+
+
+def queue_block_runs(plan: Plan, uuids: list[str], now: datetime) -> list[int]:
+    """Mark admitted blocks `queued` (for `dispatch`) and return their ids."""
+    ids = plan.ids(uuids)
+    mark_queued(ids, now)
+    for uuid in uuids:
+        plan.status[uuid] = S.QUEUED
+    return ids
+
+
+def mark_queued(block_run_ids: list[int], now: datetime) -> None:
+    if block_run_ids:
+        BlockRun.objects.filter(id__in=block_run_ids, status=S.INITIAL).update(
+            status=S.QUEUED, queued_at=now, next_retry_at=None, updated_at=now,
+        )
+
+
+def lock_run(run_id: int, known: PipelineRun | None = None) -> PipelineRun | None:
     """The run with its pipeline, its row locked to the end of the transaction. With
     `known` (the same run as loaded earlier with its pipeline), one hand-written
     statement reads again only the fields that can have changed since: the ORM's
-    version of this join costs about a millisecond a block to build."""
+    version of this join costs several times more to build than to run."""
     if known is not None and known.pk == run_id and PipelineRun.pipeline.is_cached(known):
-        with connection.cursor() as cursor:
-            cursor.execute(_refresh_run_sql(), [run_id])
-            row = cursor.fetchone()
+        row = read_run_row(run_id)
         if row is None:
             return None
-        run = _refreshed(known, row)
+        run = run_refreshed(known, row)
         if run is not None:
             return run
     qs = PipelineRun.objects.select_related("pipeline").order_by()
@@ -168,21 +198,6 @@ def _lock_run(run_id: int, known: PipelineRun | None = None) -> PipelineRun | No
         qs = qs.select_for_update(of=("self",))
     found = list(qs.filter(pk=run_id))
     return found[0] if found else None
-
-
-def _refreshed(known: PipelineRun, row: tuple | None) -> PipelineRun | None:
-    """`known` updated from a row of `_REFRESH_RUN_SQL`; None when the row is missing or
-    the run was started by someone else since it was loaded (then it is loaded whole)."""
-    if row is None:
-        return None
-    status, slot, run_slot, not_started, version, concurrency = row
-    if not not_started and known.started_at is None:
-        return None
-    known.status, known.waiting_for_slot, known.waiting_for_run_slot = status, bool(slot), bool(run_slot)
-    known.started_at = None if not_started else known.started_at
-    known.pipeline.version = version
-    known.pipeline.concurrency_config = _CONCURRENCY.from_db_value(concurrency, None, connection)
-    return known
 
 
 def _may_start(run: PipelineRun) -> bool:
@@ -220,47 +235,8 @@ def start_waiting_runs(pipeline_id: int) -> list[int]:
     return queued
 
 
-def _classify(definition: PipelineDefinition, status: dict[str, str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """Update `status` in place for blocks that cannot run, and return (ready,
-    skipped by a condition, [(upstream-failed block, the upstream that failed)])."""
-    ready: list[str] = []
-    skipped: list[str] = []
-    broken: list[tuple[str, str]] = []
-    # Block runs of blocks deleted since the run began come last, with no upstreams:
-    # they run and fail with "no longer exists" rather than wait forever.
-    order = [u for u in definition.order if u in status]
-    order += [u for u in status if u not in definition.graph]
-    for uuid in order:
-        if status[uuid] != S.INITIAL:
-            continue
-        ups = [u for u in definition.graph.get(uuid, ()) if u in status]
-        bad = next((u for u in ups if status[u] in _FAILED_UPSTREAM), None)
-        if bad is not None:
-            status[uuid] = S.UPSTREAM_FAILED
-            broken.append((uuid, bad))
-        elif any(status[u] == S.CONDITION_FAILED for u in ups):
-            status[uuid] = S.CONDITION_FAILED
-            skipped.append(uuid)
-        elif all(status[u] == S.COMPLETED for u in ups):
-            ready.append(uuid)
-    return ready, skipped, broken
-
-
-def _block_limit(pipeline: Pipeline) -> int | None:
-    """How many block runs of one run may be active at once: a run in one process runs
-    its blocks one after another, in one process."""
-    return 1 if pipeline.run_pipeline_in_one_process else pipeline.block_run_limit
-
-
-def _room_in_run(limit: int | None, status: dict[str, str]) -> int:
-    if not limit:
-        return len(status)
-    return limit - sum(1 for s in status.values() if s in BLOCK_ACTIVE)
-
-
-def _take_global_slots(wanted: int) -> tuple[int, bool]:
-    """How many of `wanted` blocks may be queued under the global limit, and whether some
-    ready blocks are left waiting for a slot. On PostgreSQL an advisory lock, held to the
+def take_global_slots(wanted: int) -> int:
+    """How many of `wanted` blocks may be queued under the global limit. On PostgreSQL an advisory lock, held to the
     end of the transaction, makes the count and the queueing one step across runs; SQLite
     already runs one write transaction at a time."""
     if connection.vendor == "postgresql":
@@ -268,24 +244,13 @@ def _take_global_slots(wanted: int) -> tuple[int, bool]:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_SLOTS_LOCK_KEY])
     active = BlockRun.objects.filter(status__in=list(BLOCK_ACTIVE)).count()
     free = max(0, settings.MILLRACE_CONCURRENCY - active)
-    granted = min(wanted, free)
-    return granted, granted < wanted
+    return min(wanted, free)
 
 
 def _set_run_status(run: PipelineRun, status: dict[str, str], waiting: bool, now: datetime) -> None:
     changes: dict[str, Any] = {}
-    if all(s in BLOCK_TERMINAL for s in status.values()):
-        values = set(status.values())
-        # Blocks below a cancelled block are upstream_failed too; with no failure in the
-        # run, it was cancelled.
-        if S.FAILED in values:
-            final = PipelineRunStatus.FAILED
-        elif S.CANCELLED in values:
-            final = PipelineRunStatus.CANCELLED
-        elif S.UPSTREAM_FAILED in values:
-            final = PipelineRunStatus.FAILED
-        else:
-            final = PipelineRunStatus.COMPLETED
+    final = decide.run_outcome(status)
+    if final is not None:
         changes.update(status=final, completed_at=now, waiting_for_slot=False, waiting_for_run_slot=False)
         if run.started_at is None:
             changes["started_at"] = now

@@ -18,14 +18,9 @@ from runs.models import (
     PipelineRunStatus,
     RunType,
 )
-from runs.orchestrator.advance import (
-    _block_limit,
-    _classify,
-    _room_in_run,
-    _take_global_slots,
-    advance,
-    dispatch,
-)
+from runs.orchestrator import decide
+from runs.orchestrator.advance import advance, dispatch, mark_queued, take_global_slots
+from runs.orchestrator.decide import BlockState
 
 S = BlockRunStatus
 
@@ -87,45 +82,39 @@ def run_create(
 
 def runs_start(run_ids: list[int]) -> list[int]:
     """Start many runs that were created with `start=False` (a scheduler tick, a
-    backfill) and return the block runs queued, for `dispatch`. The same as calling
-    `advance` on each, oldest first, but the global slots are locked and counted once
-    and the writes are grouped: a tick that fires a thousand triggers would otherwise
-    pay a thousand slot counts. Runs that are not fresh, and runs of pipelines with a
-    `pipeline_run_limit`, go through `advance` one by one."""
+    backfill) and return the block runs queued, for `dispatch`. The same decision as
+    `advance` on each, oldest first (`decide.plan` and `decide.admit`), but the global
+    slots are locked and counted once for all of them: a tick that fires a thousand
+    triggers would otherwise pay a thousand slot counts. Runs that are not fresh, and
+    runs of pipelines with a `pipeline_run_limit`, go through `advance` one by one."""
     one_by_one: list[int] = []
     queued: list[int] = []
     now = timezone.now()
     with transaction.atomic():
-        qs = PipelineRun.objects.select_related("pipeline").filter(pk__in=run_ids, status=PipelineRunStatus.INITIAL)
-        if connection.features.has_select_for_update:
-            qs = qs.select_for_update(of=("self",))
-        runs = list(qs.order_by("created_at", "id"))
-        rows: dict[int, dict[str, tuple[int, str]]] = {run.pk: {} for run in runs}
-        for run_id, pk, uuid, status in BlockRun.objects.filter(
-            pipeline_run_id__in=list(rows), dynamic_parent__isnull=True,
-        ).values_list("pipeline_run_id", "id", "block_uuid", "status"):
-            rows[run_id][uuid] = (pk, status)
-        free: int | None = None
+        runs = _lock_fresh_runs(run_ids)
+        blocks = _block_states_of(runs)
+        free: list[int] = []  # the global slots left, counted on first need
+
+        def grant(wanted: int) -> int:
+            if not free:
+                free.append(take_global_slots(settings.MILLRACE_CONCURRENCY))
+            granted = min(wanted, free[0])
+            free[0] -= granted
+            return granted
+
         started: list[int] = []
         waiting: list[int] = []
         for run in runs:
-            blocks = rows[run.pk]
-            if run.pipeline.pipeline_run_limit or not blocks or any(st != S.INITIAL for _, st in blocks.values()):
+            states = blocks[run.pk]
+            if run.pipeline.pipeline_run_limit or not states or any(b.status != S.INITIAL for b in states):
                 one_by_one.append(run.pk)
                 continue
-            status = {uuid: st for uuid, (_, st) in blocks.items()}
-            ready, _, _ = _classify(pipeline_definition(run.pipeline_id, run.pipeline.version), status)
-            room = min(_room_in_run(_block_limit(run.pipeline), status), len(ready))
-            if free is None:
-                free, _ = _take_global_slots(settings.MILLRACE_CONCURRENCY)
-            take = min(room, free)
-            free -= take
-            queued += [blocks[u][0] for u in ready[:take]]
-            # Waiting for a slot means a global one: blocks held back by the run's own
-            # limit start as its blocks finish.
-            (waiting if take < room else started).append(run.pk)
-        if queued:
-            BlockRun.objects.filter(id__in=queued, status=S.INITIAL).update(status=S.QUEUED, queued_at=now, updated_at=now)
+            plan = decide.plan(pipeline_definition(run.pipeline_id, run.pipeline.version), states)
+            limit = decide.block_limit(run.pipeline.block_run_limit, run.pipeline.run_pipeline_in_one_process)
+            admitted, waits = decide.admit(plan.ready, room=decide.room_in_run(limit, plan.status), freed=0, grant=grant)
+            queued += plan.ids(admitted)
+            (waiting if waits else started).append(run.pk)
+        mark_queued(queued, now)
         for ids, flag in ((started, False), (waiting, True)):
             if ids:
                 PipelineRun.objects.filter(id__in=ids).update(
@@ -134,3 +123,22 @@ def runs_start(run_ids: list[int]) -> list[int]:
     for run_id in one_by_one:
         queued += advance(run_id)
     return queued
+
+
+def _lock_fresh_runs(run_ids: list[int]) -> list[PipelineRun]:
+    """The runs among `run_ids` still in `initial`, with their pipelines, oldest first,
+    their rows locked to the end of the transaction."""
+    qs = PipelineRun.objects.select_related("pipeline").filter(pk__in=run_ids, status=PipelineRunStatus.INITIAL)
+    if connection.features.has_select_for_update:
+        qs = qs.select_for_update(of=("self",))
+    return list(qs.order_by("created_at", "id"))
+
+
+def _block_states_of(runs: list[PipelineRun]) -> dict[int, list[BlockState]]:
+    """The block runs (not dynamic children) of each run, in one query."""
+    states: dict[int, list[BlockState]] = {run.pk: [] for run in runs}
+    for run_id, pk, uuid, status, attempt in BlockRun.objects.filter(
+        pipeline_run_id__in=list(states), dynamic_parent__isnull=True,
+    ).values_list("pipeline_run_id", "id", "block_uuid", "status", "attempt"):
+        states[run_id].append(BlockState(pk, uuid, status, attempt, False))
+    return states

@@ -29,16 +29,17 @@ from runs.models import (
     LogEntry,
     PipelineRun,
 )
-from runs.orchestrator.advance import _advance, _Claimed, dispatch
+from runs.orchestrator import decide
+from runs.orchestrator.advance import Advanced, Claimed, advance_after_result, dispatch
 from runs.orchestrator.logs import LogWriter, output_prefix
-from runs.orchestrator.retries import _record_interrupted, _record_retry, _retry_at
+from runs.orchestrator.retries import next_attempt_at, record_interrupted, record_retry
 from runs.orchestrator.salvage import block_run_fail
 from runs.orchestrator.sql import (
-    _ChainClaim,
-    _claim,
-    _lock_run_row,
-    _record_result,
-    _record_result_and_read,
+    ChainClaim,
+    claim_block_run,
+    lock_run_row,
+    record_result,
+    record_result_and_read,
 )
 
 S = BlockRunStatus
@@ -68,7 +69,7 @@ def block_run_execute(block_run_id: int, *, inline: bool = False, report: Report
     While the worker's cluster is stopping (`runs.stopping`) no next block is claimed:
     it goes through the broker to a worker that is not stopping."""
     claim = uuidlib.uuid4().hex
-    if not _claim(block_run_id, claim, timezone.now()):
+    if not claim_block_run(block_run_id, claim, timezone.now()):
         return []
     block_run = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=block_run_id)
     run = block_run.pipeline_run
@@ -79,25 +80,25 @@ def block_run_execute(block_run_id: int, *, inline: bool = False, report: Report
         while True:
             result, logs = _execute(block_run, claim, definition, upstream_outputs, session)
             try:
-                queued, claimed = _finish(block_run, claim, result, logs=logs, claim_next=inline and not stopping.requested())
+                done = finish(block_run, claim, result, logs=logs, claim_next=inline and not stopping.requested())
             except Exception as exc:  # a row the normal path cannot write: fail it, go on
                 log.exception("block run %s: its result could not be recorded", block_run.pk)
                 block_run_fail(block_run.pk, f"its result could not be recorded: {type(exc).__name__}: {exc}", claim=claim)
                 result = ExecutionResult(status=S.FAILED, error=str(exc), metrics=result.metrics)
-                queued, claimed = [], None
+                done = Advanced([])
             if report is not None:
                 report(block_run, result)
-            if claimed is None:
-                return queued
-            block_run, upstream_outputs = _claimed_block_run(claimed, block_run, result.outputs)
-            claim, definition = claimed.claim, claimed.definition
+            if done.claimed is None:
+                return done.queued
+            block_run, upstream_outputs = _claimed_block_run(done.claimed, block_run, result.outputs)
+            claim, definition = done.claimed.claim, done.claimed.definition
     finally:
         if session is not None:
             session.close()
 
 
-def _claimed_block_run(claimed: _Claimed, finished: BlockRun, outputs: list[dict]) -> tuple[BlockRun, dict[str, list[dict]]]:
-    """The block run `_advance` claimed, with its upstreams' outputs. In a chain the only
+def _claimed_block_run(claimed: Claimed, finished: BlockRun, outputs: list[dict]) -> tuple[BlockRun, dict[str, list[dict]]]:
+    """The block run the advance claimed, with its upstreams' outputs. In a chain the only
     upstream is the block that just finished, whose outputs are in hand: no query."""
     block = claimed.definition.blocks.get(claimed.block_uuid)
     upstreams = list(block.upstreams) if block else []
@@ -119,7 +120,7 @@ def _execute(
     session: Session | None = None,
 ) -> tuple[ExecutionResult, LogWriter]:
     """Run a claimed block run's code. Returns the result and the log lines not written
-    yet (`_finish` writes them with the result, if the attempt still holds its claim)."""
+    yet (`finish` writes them with the result, if the attempt still holds its claim)."""
     logs = LogWriter(block_run, claim)
     block = definition.blocks.get(block_run.block_uuid)
     if block is None:
@@ -171,36 +172,35 @@ def _spec(block_run: BlockRun, block: BlockDefinition, outputs: dict[str, list[d
     )
 
 
-def _chain_claim(run: PipelineRun, block_uuid: str) -> _ChainClaim | None:
+def _chain_claim(run: PipelineRun, block_uuid: str) -> ChainClaim | None:
     """The next block of a chain below `block_uuid`, to claim with its result (the
     query checks that it may be)."""
-    if run.pipeline.block_run_limit:
-        return None
-    below = pipeline_definition(run.pipeline_id, run.pipeline.version).chain_next.get(block_uuid)
-    return _ChainClaim(below, uuidlib.uuid4().hex, run.pipeline.version) if below else None
+    definition = pipeline_definition(run.pipeline_id, run.pipeline.version)
+    below = decide.chain_candidate(definition, run.pipeline.block_run_limit, block_uuid)
+    return ChainClaim(below, uuidlib.uuid4().hex, run.pipeline.version) if below else None
 
 
-def _finish(
+def finish(
     block_run: BlockRun, claim: str, result: ExecutionResult, *, logs: LogWriter | None = None, claim_next: bool = False,
-) -> tuple[list[int], _Claimed | None]:
-    """Record the result (and the hash of the code that ran) if this attempt still holds
-    the claim, then advance the run in the same transaction. A failed attempt with
-    retries left goes back to `initial` with the time of its next attempt instead.
-    Returns the block runs the advance queued and, with `claim_next` and exactly one
-    block ready, that one already claimed for the caller to run. An attempt that its
-    worker's shutdown interrupted is handed back instead (`_hand_back`)."""
+) -> Advanced:
+    """Record an attempt's result (and the hash of the code that ran) if the attempt
+    still holds `claim`, then advance the run in the same transaction. A failed attempt
+    with retries left goes back to `initial` with the time of its next attempt instead;
+    an attempt that its worker's shutdown interrupted is handed back (`_hand_back`).
+    Returns what the advance queued and, with `claim_next` and exactly one block
+    admitted, that block claimed for the caller to run next.
+
+    A caller that holds the block run with its run and pipeline loaded (the worker) has
+    only what can have changed read again; on PostgreSQL the result, the claim of the
+    next block of a chain and those reads go in one round trip (`record_result_and_read`)."""
     now = timezone.now()
     if logs is not None:
         logs.close(result)
     if result.status == INTERRUPTED:
-        return _hand_back(block_run, claim, result, logs, now), None
+        return Advanced(_hand_back(block_run, claim, result, logs, now))
     status = result.status if result.status in BLOCK_TERMINAL else S.FAILED
-    retry_at, not_retried = _retry_at(block_run, now) if status == S.FAILED else (None, "")
-    # The run as the caller holds it (with its pipeline), if it does: then only what can
-    # have changed is read again.
-    known = block_run.pipeline_run if BlockRun.pipeline_run.is_cached(block_run) else None
-    if known is not None and not PipelineRun.pipeline.is_cached(known):
-        known = None
+    retry_at, not_retried = next_attempt_at(block_run, now) if status == S.FAILED else (None, "")
+    known = _known_run(block_run)
     read = None
     run_id = block_run.pipeline_run_id
     with transaction.atomic():
@@ -210,34 +210,45 @@ def _finish(
         # could deadlock with a cancel.
         if retry_at is None and known is not None and connection.vendor == "postgresql":
             chain = _chain_claim(known, block_run.block_uuid) if claim_next and status == S.COMPLETED else None
-            won, read = _record_result_and_read(block_run.pk, claim, status, result, code_hash, now, run_id, chain)
+            won, read = record_result_and_read(block_run.pk, claim, status, result, code_hash, now, run_id, chain)
         else:
-            _lock_run_row(run_id)
+            lock_run_row(run_id)
             if retry_at is not None:
-                won = _record_retry(block_run, claim, result, retry_at, now)
+                won = record_retry(block_run, claim, result, retry_at, now)
             else:
-                won = _record_result(block_run.pk, claim, status, result, code_hash, now)
+                won = record_result(block_run.pk, claim, status, result, code_hash, now)
         if not won:
-            return [], None
+            return Advanced([])
         if logs is not None:
             logs.write()
-        if not_retried:
-            LogEntry.objects.create(
-                pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="WARNING",
-                message=not_retried, block_uuid=block_run.block_uuid, block_type=block_run.block_type,
-                attempt=block_run.attempt,
-            )
-        if status == S.FAILED:
-            then = f"; attempt {block_run.attempt + 1} at {retry_at:%H:%M:%S} UTC" if retry_at else ""
-            LogEntry.objects.create(
-                pipeline_run_id=block_run.pipeline_run_id, block_run_id=block_run.pk, timestamp=now, level="ERROR",
-                message=f"Block {block_run.block_uuid} failed (attempt {block_run.attempt}){then}: {result.error}"
-                + (f"\n{result.traceback}" if result.traceback else ""),
-                block_uuid=block_run.block_uuid, block_type=block_run.block_type, attempt=block_run.attempt,
-            )
-        return _advance(
-            run_id, freed=1, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "",
-            known=known, read=read,
+        _log_failure(block_run, result, status, retry_at, not_retried, now)
+        return advance_after_result(
+            run_id, known, read, claim=uuidlib.uuid4().hex if claim_next and not retry_at else "",
+        )
+
+
+def _known_run(block_run: BlockRun) -> PipelineRun | None:
+    """The run as the caller holds it (with its pipeline), if it does."""
+    if not BlockRun.pipeline_run.is_cached(block_run):
+        return None
+    run = block_run.pipeline_run
+    return run if PipelineRun.pipeline.is_cached(run) else None
+
+
+def _log_failure(block_run: BlockRun, result: ExecutionResult, status: str, retry_at: datetime | None, not_retried: str, now: datetime) -> None:
+    """The lines a failed attempt leaves: why it is not retried, if its retry config
+    cannot be read, and the error (with when the next attempt is due)."""
+    entry = {
+        "pipeline_run_id": block_run.pipeline_run_id, "block_run_id": block_run.pk, "timestamp": now,
+        "block_uuid": block_run.block_uuid, "block_type": block_run.block_type, "attempt": block_run.attempt,
+    }
+    if not_retried:
+        LogEntry.objects.create(level="WARNING", message=not_retried, **entry)
+    if status == S.FAILED:
+        then = f"; attempt {block_run.attempt + 1} at {retry_at:%H:%M:%S} UTC" if retry_at else ""
+        LogEntry.objects.create(
+            level="ERROR", message=f"Block {block_run.block_uuid} failed (attempt {block_run.attempt}){then}: {result.error}"
+            + (f"\n{result.traceback}" if result.traceback else ""), **entry,
         )
 
 
@@ -247,8 +258,8 @@ def _hand_back(block_run: BlockRun, claim: str, result: ExecutionResult, logs: L
     `interrupted` and not counted against the block's retries. Returns nothing to
     dispatch: the task is sent here, after the commit."""
     with transaction.atomic():
-        _lock_run_row(block_run.pipeline_run_id)
-        if not _record_interrupted(block_run, claim, result, now):
+        lock_run_row(block_run.pipeline_run_id)
+        if not record_interrupted(block_run, claim, result, now):
             return []
         if logs is not None:
             logs.write()

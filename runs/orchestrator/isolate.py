@@ -16,7 +16,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from runs.models import BlockRun, BlockRunStatus, LogEntry, PipelineRun, PipelineRunStatus
-from runs.orchestrator.sql import _lock_run_row
+from runs.orchestrator.sql import lock_run_row
 
 S = BlockRunStatus
 T = TypeVar("T")
@@ -51,7 +51,7 @@ def run_fail(run_id: int, reason: str, *, now: datetime | None = None) -> None:
     fail, the others that had not finished are cancelled."""
     now = now or timezone.now()
     with transaction.atomic():
-        _lock_run_row(run_id)
+        lock_run_row(run_id)
         ended = PipelineRun.objects.filter(pk=run_id, status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING]).update(
             status=PipelineRunStatus.FAILED, completed_at=now, started_at=Coalesce("started_at", now),
             waiting_for_slot=False, waiting_for_run_slot=False, updated_at=now,

@@ -30,7 +30,7 @@ from pipelines import variables
 from pipelines.execution import INTERRUPTED, ExecutionResult, LogChunk, LogLine, log_lines
 from runs import stopping
 from runs.models import BlockRun, BlockRunStatus, LogEntry
-from runs.orchestrator.sql import _insert_log_lines, _lock_run_row
+from runs.orchestrator.sql import insert_log_lines, lock_run_row
 
 S = BlockRunStatus
 
@@ -94,7 +94,7 @@ class LogWriter:
                 # Log rows reference the run, and PostgreSQL checks that at commit with a
                 # share lock on the run's row: taken first, in the order a cancel takes
                 # its locks (the run, then its block runs), or the two could deadlock.
-                _lock_run_row(self.block_run.pipeline_run_id, share=True)
+                lock_run_row(self.block_run.pipeline_run_id, share=True)
             alive = BlockRun.objects.filter(pk=self.block_run.pk, claim=self.claim, status=S.RUNNING).update(
                 heartbeat_at=timezone.now()
             )
@@ -111,7 +111,7 @@ class LogWriter:
             return
         br = self.block_run
         lines, self.lines = self.lines, []
-        _insert_log_lines(br.pipeline_run_id, br.pk, br.block_uuid, br.block_type, br.attempt, lines)
+        insert_log_lines(br.pipeline_run_id, br.pk, br.block_uuid, br.block_type, br.attempt, lines)
         if self.written is not None and self.full is None:
             self.written_bytes += sum(len(line.message) for line in lines)
             if self.written_bytes <= self.HEAD_KEPT:

@@ -20,10 +20,10 @@ from runs.models import (
     PipelineRunStatus,
     RunAction,
 )
-from runs.orchestrator.advance import _lock_run, advance, dispatch, start_waiting_runs
+from runs.orchestrator.advance import advance, dispatch, lock_run, start_waiting_runs
 from runs.orchestrator.isolate import isolated, run_fail
 from runs.orchestrator.retries import wake_waiting_runs
-from runs.orchestrator.sql import _lock_run_row
+from runs.orchestrator.sql import lock_run_row
 
 S = BlockRunStatus
 
@@ -36,7 +36,7 @@ def run_stop(run_id: int, *, status: str = PipelineRunStatus.CANCELLED, reason: 
     already finished."""
     now = timezone.now()
     with transaction.atomic():
-        run = _lock_run(run_id)
+        run = lock_run(run_id)
         if run is None or run.status in RUN_TERMINAL:
             return False
         open_runs = BlockRun.objects.filter(pipeline_run_id=run_id, status__in=[S.INITIAL, S.QUEUED, S.RUNNING])
@@ -122,7 +122,7 @@ def run_retry(run_id: int, *, mode: str = "all", block_uuid: str | None = None, 
         raise ActionRefused(f"Unknown retry mode {mode!r}; use one of {', '.join(RETRY_MODES)}")
     now = timezone.now()
     with transaction.atomic():
-        run = _lock_run(run_id)
+        run = lock_run(run_id)
         if run is None:
             raise ActionRefused(f"Run {run_id} does not exist")
         if run.status not in RUN_TERMINAL:
@@ -207,7 +207,7 @@ def block_run_cancel(block_run_id: int, *, user: Any = None) -> None:
             raise ActionRefused(f"Block run {block_run_id} does not exist")
         run_id, uuid, status = row
         # The run first, then its block run: the order a finishing block takes too.
-        _lock_run_row(run_id)
+        lock_run_row(run_id)
         if not BlockRun.objects.filter(pk=block_run_id, status__in=[S.INITIAL, S.QUEUED, S.RUNNING]).update(
             status=S.CANCELLED, claim="", next_retry_at=None, completed_at=now, updated_at=now,
         ):

@@ -24,7 +24,7 @@ from runs.models import (
     PipelineRunStatus,
 )
 from runs.orchestrator.advance import advance, dispatch
-from runs.orchestrator.execute import _finish
+from runs.orchestrator.execute import finish
 from runs.orchestrator.isolate import isolated
 from runs.orchestrator.retries import retries_due, wake_waiting_runs
 from runs.orchestrator.salvage import block_run_fail, run_advance_or_fail
@@ -88,7 +88,7 @@ def _fail_block_run(pk: int, error: str, status: str = S.FAILED) -> int:
         br = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=pk)
         if br.status != S.RUNNING:
             return 0
-        dispatch(_finish(br, br.claim, ExecutionResult(status=status, error=error))[0])
+        dispatch(finish(br, br.claim, ExecutionResult(status=status, error=error)).queued)
         return 1
 
     result = isolated(f"reconcile: block run {pk}", fail, lambda why: block_run_fail(pk, f"{error}; then {why}"))

@@ -40,7 +40,7 @@ def retry_delay(attempt: int, delay: float, exponential: bool, max_delay: float 
     return min(wait, max_delay) if max_delay is not None else wait
 
 
-def _retry_at(block_run: BlockRun, now: datetime) -> tuple[datetime | None, str]:
+def next_attempt_at(block_run: BlockRun, now: datetime) -> tuple[datetime | None, str]:
     """When the next attempt of a failed block run is due, or None when it has used its
     retries (`retries: 0` means exactly one attempt, a timeout included); and, when its
     retry config cannot be read (stored before it was validated), why it is not retried,
@@ -86,13 +86,13 @@ def _put_aside(block_run: BlockRun, claim: str, ended_as: str, result: Execution
     ))
 
 
-def _record_retry(block_run: BlockRun, claim: str, result: ExecutionResult, retry_at: datetime, now: datetime) -> bool:
+def record_retry(block_run: BlockRun, claim: str, result: ExecutionResult, retry_at: datetime, now: datetime) -> bool:
     """Put a failed attempt aside (in `attempts`) and send the block run back to
     `initial` until `retry_at`, if the attempt still holds its claim."""
     return _put_aside(block_run, claim, S.FAILED, result, now, status=S.INITIAL, next_retry_at=retry_at)
 
 
-def _record_interrupted(block_run: BlockRun, claim: str, result: ExecutionResult, now: datetime) -> bool:
+def record_interrupted(block_run: BlockRun, claim: str, result: ExecutionResult, now: datetime) -> bool:
     """Put an attempt that its worker's shutdown interrupted aside and queue the block
     run again at once, without charging the attempt against its retries (the count of
     automatic retries starts after `attempt_base`)."""

@@ -20,7 +20,7 @@ from django.utils import timezone
 from runs.models import BlockRun, BlockRunStatus, LogEntry
 from runs.orchestrator.advance import advance, dispatch
 from runs.orchestrator.isolate import OPEN, isolated, run_fail
-from runs.orchestrator.sql import _lock_run_row
+from runs.orchestrator.sql import lock_run_row
 
 S = BlockRunStatus
 
@@ -35,7 +35,7 @@ def block_run_fail(block_run_id: int, reason: str, *, claim: str | None = None, 
         return
     run_id, uuid, attempt = row
     with transaction.atomic():
-        _lock_run_row(run_id)
+        lock_run_row(run_id)
         rows = BlockRun.objects.filter(pk=block_run_id, status__in=OPEN)
         if claim is not None:
             rows = rows.filter(claim=claim, status=S.RUNNING)

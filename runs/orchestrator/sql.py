@@ -1,8 +1,8 @@
 """The statements every block of every run goes through, written out by hand: for these
 one-row statements the ORM spends several times longer building the SQL than the
-database spends running it (measured: 0.2-0.35 ms against 0.04 ms), and a chain of
-blocks is a loop over them. Values go through the fields' own adapters, so both
-databases get what the ORM would send."""
+database spends running it, and a chain of blocks is a loop over them (README,
+"Performance"). Values go through the fields' own adapters, so both databases get what
+the ORM would send. Rows come back as small named types (`RunRow`, `BlockState`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections
@@ -25,6 +25,7 @@ from runs.models import (
     PipelineRun,
     PipelineRunStatus,
 )
+from runs.orchestrator.decide import BlockState
 
 S = BlockRunStatus
 
@@ -62,8 +63,7 @@ def _prepared(*statements: tuple[str, str]) -> list[str]:
     """The statements `(name, sql with %s placeholders)` as this connection should run
     them: on PostgreSQL, prepared once per connection and executed by name. Client-side
     binding, which Django uses, has the server plan every query afresh, and for these
-    small statements planning costs about as much as running them (measured: a block's
-    four-statement query took 0.7-1.1 ms prepared, 1.1-1.7 ms planned each time). Off
+    small statements planning costs about as much as running them. Off
     with MILLRACE_PREPARED_STATEMENTS=false (behind a pooler that hands each transaction
     another server connection, a prepared statement would not be there)."""
     db = connections[DEFAULT_DB_ALIAS]  # looked up once: `connection` is a proxy
@@ -98,10 +98,48 @@ _REFRESH_RUN_SQL = (
 )
 
 
+class RunRow(NamedTuple):
+    """What can have changed in a run (and its pipeline) since a worker loaded it."""
+
+    status: str
+    waiting_for_slot: bool
+    waiting_for_run_slot: bool
+    not_started: bool
+    version: int
+    concurrency_config: Any  # as the database returns it
+
+    @classmethod
+    def of(cls, row: tuple[Any, ...] | None) -> RunRow | None:
+        if row is None:
+            return None
+        status, slot, run_slot, not_started, version, concurrency = row
+        return cls(status, bool(slot), bool(run_slot), bool(not_started), version, concurrency)
+
+
 def _refresh_run_sql() -> str:
     # Locks the run's row only, as `select_for_update(of=("self",))` does; SQLite has
     # one writer at a time anyway.
     return _REFRESH_RUN_SQL + (" FOR UPDATE OF r" if connection.features.has_select_for_update else "")
+
+
+def read_run_row(run_id: int) -> RunRow | None:
+    """Lock a run's row and read what can have changed since it was loaded."""
+    with connection.cursor() as cursor:
+        cursor.execute(_refresh_run_sql(), [run_id])
+        return RunRow.of(cursor.fetchone())
+
+
+def run_refreshed(known: PipelineRun, row: RunRow | None) -> PipelineRun | None:
+    """`known` (a run loaded with its pipeline) updated from `row`; None when the row is
+    missing or the run was started by someone else since it was loaded (then the
+    caller loads it whole)."""
+    if row is None or (not row.not_started and known.started_at is None):
+        return None
+    known.status, known.waiting_for_slot, known.waiting_for_run_slot = row.status, row.waiting_for_slot, row.waiting_for_run_slot
+    known.started_at = None if row.not_started else known.started_at
+    known.pipeline.version = row.version
+    known.pipeline.concurrency_config = _CONCURRENCY.from_db_value(row.concurrency_config, None, connection)
+    return known
 
 
 _STATUSES_SQL = (
@@ -110,16 +148,15 @@ _STATUSES_SQL = (
 )
 
 
-def _block_statuses(run_id: int, now: datetime) -> list[tuple[int, str, str, int, bool]]:
-    """(id, block_uuid, status, attempt, waiting for a retry) of a run's block runs (not
-    dynamic children)."""
+def block_states(run_id: int, now: datetime) -> list[BlockState]:
+    """A run's block runs (not dynamic children) as `decide` reads them."""
     with connection.cursor() as cursor:
         cursor.execute(_STATUSES_SQL, [_db_time(now), run_id])
-        return _status_rows(cursor.fetchall())
+        return _block_states(cursor.fetchall())
 
 
-def _status_rows(rows: list[tuple]) -> list[tuple[int, str, str, int, bool]]:
-    return [(pk, uuid, st, attempt, bool(waits)) for pk, uuid, st, attempt, waits in rows]
+def _block_states(rows: list[tuple[Any, ...]]) -> list[BlockState]:
+    return [BlockState(pk, uuid, st, attempt, bool(waits)) for pk, uuid, st, attempt, waits in rows]
 
 
 # What claiming sets: the block run is `running` under a new claim token (fencing).
@@ -133,7 +170,7 @@ def _claim_params(claim: str, ts: Any) -> list[Any]:
     return [S.RUNNING, claim, ts, ts, worker_label(), ts]
 
 
-def _claim(block_run_id: int, claim: str, now: datetime, *, from_status: str = S.QUEUED) -> bool:
+def claim_block_run(block_run_id: int, claim: str, now: datetime, *, from_status: str = S.QUEUED) -> bool:
     """Compare-and-swap a block run to `running` under a new claim token (fencing)."""
     ts = _db_time(now)
     queued_at = ", queued_at = %s" if from_status == S.INITIAL else ""
@@ -157,39 +194,40 @@ def _record_params(block_run_id: int, claim: str, status: str, result: Execution
     ]
 
 
-def _record_result(block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime) -> bool:
+def record_result(block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime) -> bool:
     """Write an attempt's result, if the attempt still holds its claim (fencing)."""
     with connection.cursor() as cursor:
         cursor.execute(_RECORD_SQL, _record_params(block_run_id, claim, status, result, code_hash, now))
         return cursor.rowcount == 1
 
 
-@dataclass
-class _RunRead:
-    """What `_advance` reads first, read ahead by `_record_result_and_read`, and the
-    block below in a chain if that query claimed it: (block uuid, claim)."""
-
-    run_row: tuple | None
-    block_rows: list[tuple[int, str, str, int, bool]]
-    chained: tuple[str, str] | None = None
-
-
-@dataclass
-class _ChainClaim:
-    """The block to claim with a finished block's result, if `advance` would: the only
-    block below it, whose only upstream it is (`PipelineDefinition.chain_next`)."""
+class ChainClaim(NamedTuple):
+    """The block to claim with a finished block's result (`decide.chain_candidate`),
+    under a new claim token, if the pipeline is still at `version`."""
 
     block_uuid: str
     claim: str
     version: int
 
 
+@dataclass
+class RunRead:
+    """What `record_result_and_read` read for the advance that follows: the run's row,
+    its block runs, and the next block of a chain if the same query claimed it."""
+
+    run: RunRow | None
+    blocks: list[BlockState]
+    chained: ChainClaim | None = None
+
+
 # Claims the next block of a chain in the query that records the result of the block
-# above, under the conditions on which `_advance` would claim it: that result recorded
-# as completed; the run running, on the definition the caller read the chain from, with
-# no per-run block limit (which other branches could be holding) and no block waiting
-# for a global slot (which gets the freed slot first); the block not waiting for a
-# retry. The global limit needs no count: the finished block frees the slot.
+# above, on the conditions on which `advance` would claim it (`decide`): that result
+# recorded as completed; the run running, on the definition the caller read the chain
+# from, with no per-run block limit (`decide.chain_candidate`) and no block waiting for
+# a global slot (which gets the freed slot first: `decide.admit` would count it); the
+# block not waiting for a retry (`decide.plan`). The global limit needs no count: the
+# finished block frees the slot. tests/runs/test_decide_property.py checks that this
+# statement and `advance` decide alike.
 _CHAIN_CLAIM_SQL = (
     f"UPDATE {_BR} SET {_CLAIM_SET}, queued_at = %s "
     "WHERE pipeline_run_id = %s AND block_uuid = %s AND dynamic_parent_id IS NULL AND status = %s "
@@ -201,12 +239,12 @@ _CHAIN_CLAIM_SQL = (
 )
 
 
-def _record_result_and_read(
+def record_result_and_read(
     block_run_id: int, claim: str, status: str, result: ExecutionResult, code_hash: str, now: datetime, run_id: int,
-    chain: _ChainClaim | None = None,
-) -> tuple[bool, _RunRead]:
-    """Lock the run, `_record_result`, claim the next block of a chain (`chain`), and
-    read what `_advance` needs, all in one round trip to PostgreSQL (one query of
+    chain: ChainClaim | None = None,
+) -> tuple[bool, RunRead]:
+    """Lock the run, `record_result`, claim the next block of a chain (`chain`), and
+    read what `advance` needs, all in one round trip to PostgreSQL (one query of
     several statements): each round trip costs the chain a wake-up of the database
     server and of this process. If the result was not recorded (the claim was lost),
     the caller ends the transaction and the lock goes with it."""
@@ -222,19 +260,20 @@ def _record_result_and_read(
     statements.append(("millrace_statuses", _STATUSES_SQL))
     params += [ts, run_id]
     with connection.cursor() as cursor:
+        # One result per statement, in the order above.
         cursor.execute("; ".join(_prepared(*statements)), params)
-        run_row = cursor.fetchone()
+        run_row = RunRow.of(cursor.fetchone())
         cursor.nextset()
         won = cursor.rowcount == 1
         chained = None
         if chain is not None:
             cursor.nextset()
-            chained = (chain.block_uuid, chain.claim) if cursor.rowcount == 1 else None
+            chained = chain if cursor.rowcount == 1 else None
         cursor.nextset()
-        return won, _RunRead(run_row, _status_rows(cursor.fetchall()), chained)
+        return won, RunRead(run_row, _block_states(cursor.fetchall()), chained)
 
 
-def _lock_run_row(run_id: int, *, share: bool = False) -> None:
+def lock_run_row(run_id: int, *, share: bool = False) -> None:
     """Lock a run's row to the end of the transaction, or with `share` only against a
     change of its key (what adding a row that references it takes anyway, at commit).
     Nothing to do on SQLite, which has one writer at a time."""
@@ -244,7 +283,7 @@ def _lock_run_row(run_id: int, *, share: bool = False) -> None:
             cursor.execute(f"SELECT id FROM {PipelineRun._meta.db_table} WHERE id = %s FOR {mode}", [run_id])
 
 
-def _log_row(
+def log_row(
     run_id: int, block_run_id: int | None, ts: datetime, level: str, message: str,
     block_uuid: str = "", block_type: str = "", attempt: int = 0,
 ) -> LogEntry:
@@ -266,7 +305,7 @@ def _log_insert_sql(rows: int) -> str:
     return f"INSERT INTO {LogEntry._meta.db_table} {_LOG_COLUMNS} VALUES {values}"
 
 
-def _insert_log_lines(
+def insert_log_lines(
     run_id: int, block_run_id: int, block_uuid: str, block_type: str, attempt: int, lines: list[LogLine],
 ) -> None:
     """Insert a block run's log lines by the fastest way each database has: COPY on

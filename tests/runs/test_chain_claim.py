@@ -1,7 +1,7 @@
 """The next block of a chain is claimed in the transaction that records the block above
 it. On PostgreSQL that claim travels in the same query as the result (prepared
-statements, one round trip); on SQLite `_advance` claims it. Either way a block is
-claimed only when `_advance`'s rules would claim it."""
+statements, one round trip); on SQLite `advance` claims it. Either way a block is
+claimed only when `advance`'s rules would claim it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from pipelines.execution import ExecutionResult
 from pipelines.models import Pipeline
 from runs import orchestrator
 from runs.models import BlockRun, PipelineRun
-from runs.orchestrator.execute import _finish
-from runs.orchestrator.sql import _ChainClaim, _record_result_and_read
 from tests.helpers import block_code, chain, make_pipeline
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sqlite]
@@ -42,12 +40,12 @@ def statuses(run: PipelineRun) -> dict[str, str]:
 
 def test_finishing_a_chain_link_claims_the_block_below_for_the_same_worker():
     warm = started(chain("warm", 2))  # statements prepared on this connection already
-    _finish(running(warm, "b000"), "mine", ExecutionResult(status="completed"), claim_next=True)
+    orchestrator.finish(running(warm, "b000"), "mine", ExecutionResult(status="completed"), claim_next=True)
     run = started(chain("link", 3))
     br = running(run, "b000")
 
     with CaptureQueriesContext(connection) as queries:
-        queued, claimed = _finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
+        queued, claimed = orchestrator.finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
 
     assert queued == []
     assert (claimed.block_uuid, claimed.attempt) == ("b001", 1)
@@ -75,7 +73,7 @@ def test_a_block_run_limit_set_while_the_run_ran_holds_the_chain_back():
     # Edited after the worker loaded the pipeline (and without a new version).
     Pipeline.objects.filter(pk=pipeline.pk).update(concurrency_config={"block_run_limit": 1})
 
-    queued, claimed = _finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
+    queued, claimed = orchestrator.finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
 
     assert (queued, claimed) == ([], None)
     assert statuses(run) == {"a": "completed", "b": "completed", "c": "initial", "d": "running"}
@@ -96,7 +94,7 @@ def test_a_block_waiting_for_a_slot_gets_the_freed_one_before_the_chain(settings
     assert statuses(run) == {"a": "queued", "b": "initial", "x": "initial"}
     br = running(run, "a")
 
-    queued, claimed = _finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
+    queued, claimed = orchestrator.finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
 
     assert (queued, claimed.block_uuid) == ([], "x")
     assert statuses(run) == {"a": "completed", "b": "initial", "x": "running"}
@@ -113,7 +111,7 @@ def test_the_chain_takes_the_slot_its_block_freed_and_no_more(settings):
     PipelineRun.objects.filter(pk=run.pk).update(waiting_for_slot=False)
     br = running(run, "a")
 
-    queued, claimed = _finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
+    queued, claimed = orchestrator.finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
 
     assert queued == [] and claimed is not None
     assert BlockRun.objects.filter(status__in=["queued", "running"]).count() == 1
@@ -127,7 +125,7 @@ def test_a_block_waiting_for_its_retry_is_not_claimed_early():
     BlockRun.objects.filter(pipeline_run=run, block_uuid="b001").update(next_retry_at=later, attempt=1)
     br = running(run, "b000")
 
-    _queued, claimed = _finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
+    _queued, claimed = orchestrator.finish(br, "mine", ExecutionResult(status="completed"), claim_next=True)
 
     assert claimed is None
     assert statuses(run)["b001"] == "initial"
@@ -137,7 +135,7 @@ def test_a_failed_block_claims_nothing_below_it():
     run = started(chain("failing", 2))
     br = running(run, "b000")
 
-    _queued, claimed = _finish(br, "mine", ExecutionResult(status="failed", error="boom"), claim_next=True)
+    _queued, claimed = orchestrator.finish(br, "mine", ExecutionResult(status="failed", error="boom"), claim_next=True)
 
     assert claimed is None
     assert statuses(run) == {"b000": "failed", "b001": "upstream_failed"}
@@ -152,14 +150,14 @@ def test_the_query_claims_only_on_the_definition_the_caller_read_the_chain_from(
 
     def record(block: str, claim: str, at_version: int) -> tuple[str, str] | None:
         with transaction.atomic():
-            won, read = _record_result_and_read(
+            won, read = orchestrator.record_result_and_read(
                 BlockRun.objects.get(pipeline_run=run, block_uuid=block).pk, claim, "completed",
-                ExecutionResult(status="completed"), "", now, run.pk, _ChainClaim("b001", "next", at_version),
+                ExecutionResult(status="completed"), "", now, run.pk, orchestrator.ChainClaim("b001", "next", at_version),
             )
             assert won
             if read.chained is None:
                 transaction.set_rollback(True)
-            return read.chained
+            return (read.chained.block_uuid, read.chained.claim) if read.chained else None
 
     assert record("b000", "mine", version + 1) is None  # stale: rolled back, nothing claimed
     assert statuses(run) == {"b000": "running", "b001": "initial"}
@@ -176,13 +174,13 @@ def test_statements_are_prepared_once_per_connection_and_again_after_a_reconnect
 
     settings.MILLRACE_PREPARED_STATEMENTS = False
     run = started(chain("unprepared", 2))
-    _finish(running(run, "b000"), "mine", ExecutionResult(status="completed"), claim_next=True)
+    orchestrator.finish(running(run, "b000"), "mine", ExecutionResult(status="completed"), claim_next=True)
     assert prepared() == set()
 
     settings.MILLRACE_PREPARED_STATEMENTS = True
     for name in ("prep1", "prep2"):
         connection.close()  # a new connection has none of them
         run = started(chain(name, 2))
-        _queued, claimed = _finish(running(run, "b000"), "mine", ExecutionResult(status="completed"), claim_next=True)
+        _queued, claimed = orchestrator.finish(running(run, "b000"), "mine", ExecutionResult(status="completed"), claim_next=True)
         assert claimed.block_uuid == "b001"
         assert {"millrace_lock_run", "millrace_record", "millrace_chain_claim", "millrace_statuses"} <= prepared()

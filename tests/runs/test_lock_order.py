@@ -14,10 +14,7 @@ from django.db import connection, connections, transaction
 
 from pipelines.execution import ExecutionResult, LogLine
 from runs import orchestrator
-from runs.models import BlockRun, LogEntry, PipelineRun
-from runs.orchestrator import operations
-from runs.orchestrator.execute import _finish
-from runs.orchestrator.logs import LogWriter as _LogWriter
+from runs.models import BlockRun, LogEntry, PipelineRun, RunAction
 from tests.helpers import chain
 
 pytestmark = [
@@ -86,7 +83,7 @@ def test_a_finishing_block_and_a_cancel_of_its_run_do_not_deadlock(held):
             time.sleep(0.5)  # the block finishes meanwhile
             orchestrator.run_stop(run.pk)
 
-    finished = race(cancel, lambda: _finish(br, "mine", ExecutionResult(status="completed")), after=locked)
+    finished = race(cancel, lambda: orchestrator.finish(br, "mine", ExecutionResult(status="completed")), after=locked)
 
     # The cancel came first: the block's result is not recorded over it.
     assert finished == ([], None)
@@ -100,11 +97,11 @@ def test_cancelling_a_block_while_its_upstream_finishes_does_not_deadlock(monkey
     run, first = running_block("race2", blocks=2)
     br = BlockRun.objects.select_related("pipeline_run__pipeline").get(pk=first)
     second = BlockRun.objects.get(pipeline_run=run, block_uuid="b001").pk
-    inside = slowed(monkeypatch, operations, "_audit")  # the cancel holds its block run
+    inside = slowed(monkeypatch, RunAction.objects, "create")  # the cancel holds its block run while it audits
 
     race(
         lambda: orchestrator.block_run_cancel(second),
-        lambda: _finish(br, "mine", ExecutionResult(status="completed"), claim_next=True),
+        lambda: orchestrator.finish(br, "mine", ExecutionResult(status="completed"), claim_next=True),
         after=inside,
     )
 
@@ -116,9 +113,9 @@ def test_cancelling_a_block_while_its_upstream_finishes_does_not_deadlock(monkey
 def test_a_heartbeat_with_log_lines_and_a_cancel_of_its_run_do_not_deadlock(monkeypatch):
     # The heartbeat's log rows reference the run, which PostgreSQL checks at commit.
     run, queued = running_block("race3")
-    writer = _LogWriter(BlockRun.objects.get(pk=queued), "mine")
+    writer = orchestrator.LogWriter(BlockRun.objects.get(pk=queued), "mine")
     writer.lines = [LogLine(time.time(), "INFO", "a line")]
-    inside = slowed(monkeypatch, _LogWriter, "write")  # the heartbeat holds its block run
+    inside = slowed(monkeypatch, orchestrator.LogWriter, "write")  # the heartbeat holds its block run
 
     def cancel() -> None:
         assert inside.wait(10)

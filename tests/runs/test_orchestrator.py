@@ -9,7 +9,6 @@ from pipelines import variables
 from pipelines.execution import ExecutionResult
 from runs import orchestrator
 from runs.models import BlockRun, LogEntry, PipelineRun
-from runs.orchestrator.execute import _finish
 from runs.services import run_execute_sync
 from tests.helpers import block_code, chain, make_pipeline
 
@@ -134,7 +133,7 @@ def test_a_result_from_an_attempt_that_lost_its_claim_is_ignored():
     [queued] = orchestrator.advance(run.pk)
     br = BlockRun.objects.get(pk=queued)
     BlockRun.objects.filter(pk=queued).update(status="running", claim="new-owner")
-    assert _finish(br, "old-owner", ExecutionResult(status="completed")) == ([], None)
+    assert orchestrator.finish(br, "old-owner", ExecutionResult(status="completed")) == ([], None)
     br.refresh_from_db()
     assert (br.status, br.claim) == ("running", "new-owner")
 
