@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NamedTuple
 
 from django.conf import settings
@@ -226,8 +227,7 @@ def start_waiting_runs(pipeline_id: int) -> list[int]:
     waiting = PipelineRun.objects.filter(pipeline_id=pipeline_id, waiting_for_run_slot=True, status=PipelineRunStatus.INITIAL)
     for run_id in list(waiting.order_by("created_at", "id").values_list("id", flat=True)[:50]):
         got = isolated(
-            f"starting waiting run {run_id}", lambda run_id=run_id: advance(run_id),
-            lambda why, run_id=run_id: run_fail(run_id, why),
+            f"starting waiting run {run_id}", partial(advance, run_id), partial(run_fail, run_id),
         )
         queued.extend(got or [])
         if got is not None and PipelineRun.objects.filter(pk=run_id, status=PipelineRunStatus.INITIAL).exists():

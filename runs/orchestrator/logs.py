@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 
 from django.conf import settings
 from django.db import transaction
@@ -197,7 +198,7 @@ class _FullLog:
         self._second = -1
         self._stamp = ""
 
-    def write(self, items: list[LogLine | LogChunk]) -> None:
+    def write(self, items: Sequence[LogLine | LogChunk]) -> None:
         parts = []
         for item in items:
             second = int(item.timestamp)

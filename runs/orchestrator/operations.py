@@ -4,6 +4,7 @@ retry and cancel, each recorded in the run's audit trail."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.db import transaction
@@ -68,12 +69,12 @@ def enforce_deadlines(now: datetime | None = None) -> dict[str, int]:
     done = {"timed_out": 0, "passed_sla": 0}
     timed = PipelineRun.objects.filter(status=PipelineRunStatus.RUNNING, timeout__isnull=False)
     for run_id, started_at, timeout, timeout_status in timed.values_list("id", "started_at", "timeout", "timeout_status"):
-        if started_at and now >= started_at + timedelta(seconds=timeout):
+        if started_at and timeout is not None and now >= started_at + timedelta(seconds=timeout):
             reason = f"timed out after {timeout} s"
             stopped = isolated(
                 f"deadlines: stopping run {run_id}",
-                lambda run_id=run_id, status=timeout_status, reason=reason: run_stop(run_id, status=status or PipelineRunStatus.FAILED, reason=reason),
-                lambda why, run_id=run_id, reason=reason: run_fail(run_id, f"{reason}; {why}", now=now),
+                partial(run_stop, run_id, status=timeout_status or PipelineRunStatus.FAILED, reason=reason),
+                partial(_timeout_failed, run_id, reason, now=now),
             )
             if stopped is not False:
                 done["timed_out"] += 1
@@ -81,10 +82,14 @@ def enforce_deadlines(now: datetime | None = None) -> dict[str, int]:
         status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING], sla__isnull=False, passed_sla=False,
     )
     for run_id, created_at, sla in late.values_list("id", "created_at", "sla"):
-        if now > created_at + timedelta(seconds=sla):
-            if isolated(f"deadlines: marking the SLA miss of run {run_id}", lambda run_id=run_id, sla=sla: _mark_sla_missed(run_id, sla, now)):
+        if sla is not None and now > created_at + timedelta(seconds=sla):
+            if isolated(f"deadlines: marking the SLA miss of run {run_id}", partial(_mark_sla_missed, run_id, sla, now)):
                 done["passed_sla"] += 1
     return done
+
+
+def _timeout_failed(run_id: int, reason: str, why: str, *, now: datetime) -> None:
+    run_fail(run_id, f"{reason}; {why}", now=now)
 
 
 def _mark_sla_missed(run_id: int, sla: int, now: datetime) -> bool:

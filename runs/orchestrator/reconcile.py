@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from datetime import datetime, timedelta
+from functools import partial
 
 import psutil
 from django.conf import settings
@@ -73,8 +74,8 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     ).exclude(block_runs__status__in=list(BLOCK_ACTIVE)).order_by("created_at").values_list("id", flat=True)
     for run_id in list(idle):
         isolated(
-            f"reconcile: advancing idle run {run_id}", lambda run_id=run_id: dispatch(advance(run_id)),
-            lambda why, run_id=run_id: run_advance_or_fail(run_id, why, now=now),
+            f"reconcile: advancing idle run {run_id}", partial(_advance_and_dispatch, run_id),
+            partial(run_advance_or_fail, run_id, now=now),
         )
         done["advanced"] += 1
     return done
@@ -147,3 +148,7 @@ def cluster_recover(name: str, *, reason: str, before: datetime, now: datetime, 
     requeued = requeue(queued, now)
     Heartbeat.objects.filter(kind=HeartbeatKind.CLUSTER, name=name).delete()
     return failed, requeued
+
+
+def _advance_and_dispatch(run_id: int) -> None:
+    dispatch(advance(run_id))

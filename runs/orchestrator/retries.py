@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
 
 from django.db.models import F
 from django.utils import timezone
@@ -27,9 +30,10 @@ def retry_policy(block_config: dict | None, pipeline_config: dict | None) -> tup
     """(retries, delay, exponential_backoff, max_delay) for a block: its own
     `retry_config` when it has one, else its pipeline's (unlike Mage, which ignores the
     pipeline's). No config: no retry."""
-    config = block_config or pipeline_config or {}
+    config: dict[str, Any] = block_config or pipeline_config or {}
     retries = max(0, int(config.get("retries") or 0))
-    delay = max(0.0, float(config.get("delay") if config.get("delay") is not None else 5))
+    given = config.get("delay")
+    delay = max(0.0, float(given if given is not None else 5))
     max_delay = config.get("max_delay")
     return retries, delay, bool(config.get("exponential_backoff")), float(max_delay) if max_delay is not None else None
 
@@ -62,7 +66,7 @@ def next_attempt_at(block_run: BlockRun, now: datetime) -> tuple[datetime | None
     return now + timedelta(seconds=wait), ""
 
 
-def _attempt_entry(current: dict, ended_as: str, result: ExecutionResult, now: datetime) -> dict:
+def _attempt_entry(current: Mapping[str, Any], ended_as: str, result: ExecutionResult, now: datetime) -> dict:
     """An attempt as `BlockRun.attempts` keeps it, from the row's current values."""
     return {
         "attempt": current["attempt"], "status": ended_as, "error": result.error[:10000], "traceback": result.traceback,
@@ -113,13 +117,12 @@ def retries_due(now: datetime | None = None) -> list[int]:
     queued: list[int] = []
     for run_id in sorted(run_ids):
         queued += isolated(
-            f"queueing the due retries of run {run_id}", lambda run_id=run_id: advance(run_id),
-            lambda why, run_id=run_id: _retry_failed(run_id, why, now),
+            f"queueing the due retries of run {run_id}", partial(advance, run_id), partial(_retry_failed, run_id, now=now),
         ) or []
     return queued
 
 
-def _retry_failed(run_id: int, reason: str, now: datetime) -> None:
+def _retry_failed(run_id: int, reason: str, *, now: datetime) -> None:
     """A run whose due retry cannot be queued: the block runs that wait for a retry
     fail with the reason, and the run goes on (or fails)."""
     BlockRun.objects.filter(pipeline_run_id=run_id, status=S.INITIAL, next_retry_at__isnull=False).update(
@@ -136,8 +139,7 @@ def wake_waiting_runs(limit: int = 20) -> list[int]:
     waiting = PipelineRun.objects.filter(waiting_for_slot=True).order_by("created_at").values_list("id", flat=True)[:limit]
     for run_id in list(waiting):
         got = isolated(
-            f"waking run {run_id}", lambda run_id=run_id: advance(run_id),
-            lambda why, run_id=run_id: run_advance_or_fail(run_id, why),
+            f"waking run {run_id}", partial(advance, run_id), partial(run_advance_or_fail, run_id),
         )
         if got is None:
             continue  # that run could not be advanced; the slot may still be free

@@ -11,10 +11,10 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 
 from pipelines.execution import ExecutionResult, LogLine
 from pipelines.models import Pipeline
@@ -55,8 +55,11 @@ def _db_time(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
 
+_JSON_FIELDS = {name: cast(models.JSONField, BlockRun._meta.get_field(name)) for name in ("outputs", "metrics")}
+
+
 def _db_json(field: str, value: Any) -> Any:
-    return BlockRun._meta.get_field(field).get_db_prep_save(value, connection)
+    return _JSON_FIELDS[field].get_db_prep_save(value, connection)
 
 
 def _prepared(*statements: tuple[str, str]) -> list[str]:
@@ -70,7 +73,7 @@ def _prepared(*statements: tuple[str, str]) -> list[str]:
     if db.vendor != "postgresql" or not settings.MILLRACE_PREPARED_STATEMENTS:
         return [sql for _, sql in statements]
     db.ensure_connection()
-    done = db.__dict__.get("_millrace_prepared")
+    done: tuple[Any, set[str]] | None = db.__dict__.get("_millrace_prepared")
     if done is None or done[0] is not db.connection:
         done = db.__dict__["_millrace_prepared"] = (db.connection, set())
     for name, sql in statements:
@@ -138,7 +141,8 @@ def run_refreshed(known: PipelineRun, row: RunRow | None) -> PipelineRun | None:
     known.status, known.waiting_for_slot, known.waiting_for_run_slot = row.status, row.waiting_for_slot, row.waiting_for_run_slot
     known.started_at = None if row.not_started else known.started_at
     known.pipeline.version = row.version
-    known.pipeline.concurrency_config = _CONCURRENCY.from_db_value(row.concurrency_config, None, connection)
+    # The stub wants an expression; JSONField.from_db_value never reads it.
+    known.pipeline.concurrency_config = _CONCURRENCY.from_db_value(row.concurrency_config, None, connection)  # type: ignore[arg-type]
     return known
 
 
