@@ -78,8 +78,8 @@ class ScheduleError(ValueError):
 @dataclass(frozen=True)
 class _Schedule:
     interval: str  # normalised text
-    # A croniter positioned nowhere in particular, copied for every use: parsing costs
-    # ~130 us, a copy ~2 us, and a copy keeps concurrent callers from sharing state.
+    # A croniter positioned nowhere in particular, copied for every use: a copy costs a
+    # small fraction of a parse, and keeps concurrent callers from sharing state.
     template: croniter | None = field(default=None, compare=False)
 
 
@@ -202,7 +202,7 @@ def _zone(name: str) -> tzinfo:
 
 @functools.cache
 def _zone_names() -> frozenset[str]:
-    # Reading the zone list costs ~30 ms once; it rules out file paths and the machine's
+    # Reading the zone list is slow, so it is read once; it rules out file paths and the machine's
     # `localtime` that ZoneInfo() itself would open.
     return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
 
