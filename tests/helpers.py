@@ -66,6 +66,27 @@ def make_pipeline(uuid: str, blocks: Iterable[Sequence], **fields) -> Pipeline:
     return pipeline
 
 
+def orders_pipeline() -> Pipeline:
+    """A two-block pipeline with variables, as the API tests use it."""
+    return make_pipeline(
+        "orders",
+        [
+            ("load", "data_loader", block_code("data_loader", "return 1")),
+            ("clean", "transformer", block_code("transformer", "return 2"), ["load"]),
+        ],
+        variables={"region": "eu", "limit": 10},
+    )
+
+
+def webhook_trigger(pipeline: Pipeline):
+    """An active API trigger of `pipeline` with variables of its own."""
+    from triggers import services as trigger_services
+
+    return trigger_services.trigger_create(
+        pipeline=pipeline, name="webhook", schedule_type="api", status="active", variables={"limit": 20},
+    )
+
+
 def chain(uuid: str, n: int, body: str = "return 1") -> Pipeline:
     blocks = []
     for i in range(n):

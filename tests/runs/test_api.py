@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from pipelines.models import Pipeline
 from runs.models import BlockRun
-from tests.helpers import block_code, make_pipeline
+from tests.helpers import block_code, make_pipeline, orders_pipeline, webhook_trigger
 from triggers import services
 from triggers.models import Trigger
 
@@ -22,21 +22,12 @@ pytestmark = [pytest.mark.django_db, pytest.mark.sqlite]
 
 @pytest.fixture
 def pipeline() -> Pipeline:
-    return make_pipeline(
-        "orders",
-        [
-            ("load", "data_loader", block_code("data_loader", "return 1")),
-            ("clean", "transformer", block_code("transformer", "return 2"), ["load"]),
-        ],
-        variables={"region": "eu", "limit": 10},
-    )
+    return orders_pipeline()
 
 
 @pytest.fixture
 def trigger(pipeline: Pipeline) -> Trigger:
-    return services.trigger_create(
-        pipeline=pipeline, name="webhook", schedule_type="api", status="active", variables={"limit": 20},
-    )
+    return webhook_trigger(pipeline)
 
 
 def fire(trigger: Trigger, body: object = None) -> object:
