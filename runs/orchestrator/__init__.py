@@ -45,11 +45,17 @@ from runs.orchestrator.operations import (
     run_stop,
 )
 from runs.orchestrator.reconcile import cluster_recover, reconcile
-from runs.orchestrator.retries import retries_due, retry_delay, retry_policy, wake_waiting_runs
+from runs.orchestrator.retries import (
+    RetryPolicy,
+    retries_due,
+    retry_delay,
+    retry_policy,
+    wake_waiting_runs,
+)
 from runs.orchestrator.sql import CLUSTER_ENV, ChainClaim, record_result_and_read, worker_label
 
 __all__ = [
-    "CLUSTER_ENV", "RETRY_MODES", "ActionRefused", "Advanced", "ChainClaim", "Claimed", "LogWriter", "Report",
+    "CLUSTER_ENV", "RETRY_MODES", "ActionRefused", "Advanced", "ChainClaim", "Claimed", "LogWriter", "Report", "RetryPolicy",
     "advance", "block_run_cancel", "block_run_execute", "cluster_recover", "dispatch", "enforce_deadlines", "finish",
     "isolated", "reconcile", "record_result_and_read", "retries_due", "retry_delay", "retry_policy", "run_cancel",
     "run_create", "run_retry", "run_stop", "runs_start", "start_waiting_runs", "wake_waiting_runs", "worker_label",

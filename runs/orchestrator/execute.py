@@ -238,6 +238,8 @@ def _known_run(block_run: BlockRun) -> PipelineRun | None:
 def _log_failure(block_run: BlockRun, result: ExecutionResult, status: str, retry_at: datetime | None, not_retried: str, now: datetime) -> None:
     """The lines a failed attempt leaves: why it is not retried, if its retry config
     cannot be read, and the error (with when the next attempt is due)."""
+    if not not_retried and status != S.FAILED:
+        return
     entry = {
         "pipeline_run_id": block_run.pipeline_run_id, "block_run_id": block_run.pk, "timestamp": now,
         "block_uuid": block_run.block_uuid, "block_type": block_run.block_type, "attempt": block_run.attempt,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db.models import F
 from django.utils import timezone
@@ -26,16 +26,22 @@ S = BlockRunStatus
 _LONGEST_WAIT = 365 * 24 * 3600.0
 
 
-def retry_policy(block_config: dict | None, pipeline_config: dict | None) -> tuple[int, float, bool, float | None]:
-    """(retries, delay, exponential_backoff, max_delay) for a block: its own
-    `retry_config` when it has one, else its pipeline's (unlike Mage, which ignores the
-    pipeline's). No config: no retry."""
+class RetryPolicy(NamedTuple):
+    retries: int  # automatic retries after the first attempt
+    delay: float  # seconds before the first retry
+    exponential_backoff: bool  # the delay doubles with each retry
+    max_delay: float | None  # the longest delay, if any
+
+
+def retry_policy(block_config: dict | None, pipeline_config: dict | None) -> RetryPolicy:
+    """The retry policy of a block: its own `retry_config` when it has one, else its
+    pipeline's (unlike Mage, which ignores the pipeline's). No config: no retry."""
     config: dict[str, Any] = block_config or pipeline_config or {}
     retries = max(0, int(config.get("retries") or 0))
     given = config.get("delay")
     delay = max(0.0, float(given if given is not None else 5))
     max_delay = config.get("max_delay")
-    return retries, delay, bool(config.get("exponential_backoff")), float(max_delay) if max_delay is not None else None
+    return RetryPolicy(retries, delay, bool(config.get("exponential_backoff")), float(max_delay) if max_delay is not None else None)
 
 
 def retry_delay(attempt: int, delay: float, exponential: bool, max_delay: float | None) -> float:
