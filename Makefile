@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install bytecode lint bench clean
+.PHONY: run test install bytecode lint bench clean vendor
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ lint: $(STAMP)
 
 bench: $(STAMP) bytecode
 	$(BIN)/python bench/block_overhead.py
+
+# Front-end code from the npm registry, vendored into static/vendor/ and committed, so
+# that `make run` needs no Node and no page loads anything from a CDN. Run it (Node's
+# npm needed) to change a version; commit what it writes.
+HTMX_VERSION := 2.0.11
+vendor:
+	rm -rf var/npm && mkdir -p var/npm
+	cd var/npm && npm pack --silent htmx.org@$(HTMX_VERSION) && tar xzf htmx.org-$(HTMX_VERSION).tgz
+	cp var/npm/package/dist/htmx.min.js static/vendor/htmx.min.js
+	cp var/npm/package/LICENSE static/vendor/htmx.LICENSE.txt
+	rm -rf var/npm
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -1,7 +1,9 @@
-"""The project's URLs: the admin, `/healthz`, and under `/api/` the API root, the OpenAPI
-schema and each app's routes (`runs/urls.py`, `triggers/urls.py`)."""
+"""The project's URLs: the pages of each app, login and logout, the admin, `/healthz`, and
+under `/api/` the API root, the OpenAPI schema and each app's routes (`runs/urls.py`,
+`triggers/urls.py`)."""
 
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.templatetags.static import static
 from django.urls import include, path
@@ -21,7 +23,9 @@ from rest_framework.views import APIView
 from config.common.permissions import CanView, user_can_edit, user_is_admin
 from config.health import healthz
 from runs.urls import api_urlpatterns as runs_api
+from runs.urls import page_urlpatterns as runs_pages
 from triggers.urls import api_urlpatterns as triggers_api
+from triggers.urls import page_urlpatterns as triggers_pages
 
 
 class BearerTokenScheme(OpenApiAuthenticationExtension):
@@ -109,11 +113,16 @@ api_urlpatterns = [
 ]
 
 urlpatterns = [
-    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    path("", RedirectView.as_view(url="/pipelines/", permanent=False)),
+    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("favicon.ico", favicon),
     path("api/", include(api_urlpatterns)),
+    # The pages (server-rendered, HTMX), each app's own.
+    *runs_pages,
+    *triggers_pages,
 ]
 
 # Under /api/ a missing page or a crash outside an API view is still answered in JSON.

@@ -1,4 +1,5 @@
-"""`/api/` routes of the triggers app (Mage's paths; with or without a trailing slash)."""
+"""Routes of the triggers app: its pages (and those that combine pipelines, runs and
+triggers), and under `/api/` Mage's paths (with or without a trailing slash)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from django.urls import URLPattern
 
 from config.common.routes import mage_route
 from triggers import api
+from triggers.views import pipelines
 
 api_urlpatterns: list[URLPattern] = [
     *mage_route("pipeline_schedules", api.PipelineScheduleList.as_view(), "api-pipeline-schedules"),
@@ -34,3 +36,6 @@ api_urlpatterns: list[URLPattern] = [
     ),
     *mage_route("events", api.EventList.as_view(), "api-events"),
 ]
+
+# The pages: each page module lists its own routes.
+page_urlpatterns: list[URLPattern] = [*pipelines.urlpatterns]

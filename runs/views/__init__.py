@@ -1,0 +1,1 @@
+"""The run pages (server-rendered, HTMX): one module per page."""
