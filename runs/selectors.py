@@ -168,3 +168,27 @@ def _backlog_check(now: datetime) -> Check:
     if stuck:
         detail += " (longer than MILLRACE_HEARTBEAT_LIMIT: are the workers busy, or gone?)"
     return Check("backlog", True, detail)
+
+
+# --- the runs page of a pipeline ------------------------------------------------------------
+
+def pipeline_runs_filter(pipeline_id: int, *, status: str = "") -> QuerySet[PipelineRun]:
+    """The runs of a pipeline, newest first (the (pipeline, -created_at) index; with a
+    status, the (pipeline, status) one), the trigger joined so that a page of rows is
+    one query whatever its size."""
+    runs = PipelineRun.objects.filter(pipeline_id=pipeline_id).select_related("trigger").order_by("-created_at", "-id")
+    return runs.filter(status=status) if status else runs
+
+
+def pipeline_runs_statuses(pipeline_id: int, run_ids: list[int]) -> dict[int, str]:
+    """{run id: status} of those of `run_ids` that are runs of the pipeline, oldest
+    first (the order batch operations take them in); ids of other pipelines are left out."""
+    rows = PipelineRun.objects.filter(pipeline_id=pipeline_id, pk__in=run_ids).order_by("created_at", "id")
+    return dict(rows.values_list("id", "status"))
+
+
+def pipeline_runs_unfinished_count(pipeline_id: int) -> int:
+    """How many runs of the pipeline have not finished (running, or waiting to)."""
+    return PipelineRun.objects.filter(
+        pipeline_id=pipeline_id, status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING],
+    ).count()
