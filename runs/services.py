@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.utils import timezone
 
 from pipelines import execution
@@ -132,6 +134,21 @@ def pipeline_cancel_running(pipeline: Pipeline, *, user: Any = None) -> BatchRes
 
 
 # --- heartbeats of long-running processes (worker clusters, schedulers) ---------------------
+
+def pipeline_delete(pipeline: Pipeline) -> int:
+    """Delete a pipeline with its blocks, triggers and runs (and their block runs and
+    logs); returns how many runs went with it. Refused (ValidationError) while any of
+    its runs has not finished: a worker would lose the rows under a running block.
+    Its runs' stored block outputs stay in the variable store (retention removes them)."""
+    with transaction.atomic():
+        runs = PipelineRun.objects.filter(pipeline=pipeline)
+        active = runs.exclude(status__in=list(RUN_TERMINAL)).count()
+        if active:
+            raise ValidationError(f"{pipeline.uuid} has {active} run{'s' if active > 1 else ''} not finished: cancel {'them' if active > 1 else 'it'} first")
+        count = runs.count()
+        pipeline.delete()
+    return count
+
 
 def heartbeat_beat(
     *, kind: str, name: str, started_at: datetime, info: dict[str, Any] | None = None,

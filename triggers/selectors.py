@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -9,7 +10,7 @@ from django.db.models import Count, IntegerField, OuterRef, Prefetch, Q, QuerySe
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from pipelines.models import Pipeline
+from pipelines.models import Block, Pipeline
 from runs.models import RUN_TERMINAL, PipelineRun
 from triggers import schedule
 from triggers.models import Backfill, Event, ScheduleType, Trigger, TriggerStatus
@@ -111,3 +112,45 @@ def backfills_for_pipeline(pipeline: Pipeline) -> QuerySet[Backfill]:
         .annotate(finished_runs=Count("runs", filter=Q(runs__status__in=list(RUN_TERMINAL))))
         .order_by("-created_at", "-id")
     )
+
+
+# --- the pipelines page ----------------------------------------------------------------------
+
+
+def _count_of(model: Any, **filters: Any) -> Coalesce:
+    """A correlated count of `model` rows of the outer pipeline (one subquery each: joins
+    with two counts would multiply the rows)."""
+    rows = model.objects.filter(pipeline=OuterRef("pk"), **filters).order_by().values("pipeline")
+    return Coalesce(Subquery(rows.annotate(n=Count("*")).values("n"), output_field=IntegerField()), 0)
+
+
+def pipelines_overview(*, search: str = "", tag: str = "") -> QuerySet[Pipeline]:
+    """Pipelines (by name) with what their page lists: `block_count`, `active_triggers`,
+    and the status, id and time of the last run (`last_run_status`, `last_run_id`,
+    `last_run_at`), each a subquery, so a page of pipelines is one query. `search`
+    matches the name or uuid; `tag` one of the tags."""
+    last = PipelineRun.objects.filter(pipeline=OuterRef("pk")).order_by("-created_at", "-id")
+    qs = Pipeline.objects.annotate(
+        block_count=_count_of(Block),
+        active_triggers=_count_of(Trigger, status=TriggerStatus.ACTIVE),
+        last_run_status=Subquery(last.values("status")[:1]),
+        last_run_id=Subquery(last.values("id")[:1]),
+        last_run_at=Subquery(last.values("created_at")[:1]),
+    ).order_by("name", "uuid")
+    if search:
+        qs = qs.filter(Q(name__icontains=search) | Q(uuid__icontains=search))
+    if tag:
+        # The tags are a JSON list: its text holds the tag quoted (both databases).
+        qs = qs.filter(tags__icontains=json.dumps(tag))
+    return qs
+
+
+def pipeline_tags() -> list[str]:
+    """Every tag of every pipeline, sorted, for the tag filter."""
+    return sorted({str(t) for tags in Pipeline.objects.values_list("tags", flat=True) if isinstance(tags, list) for t in tags})
+
+
+def pipeline_run_counts(pipeline: Pipeline) -> tuple[int, int]:
+    """(all runs, runs not finished) of a pipeline: what deleting it would take along."""
+    runs = PipelineRun.objects.filter(pipeline=pipeline)
+    return runs.count(), runs.exclude(status__in=list(RUN_TERMINAL)).count()
