@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Min, QuerySet
+from django.db.models import Min, Q, QuerySet
 from django.utils import timezone
 
 from runs.models import (
@@ -18,6 +18,7 @@ from runs.models import (
     BlockRunStatus,
     Heartbeat,
     HeartbeatKind,
+    LogEntry,
     PipelineRun,
     PipelineRunStatus,
 )
@@ -192,3 +193,84 @@ def pipeline_runs_unfinished_count(pipeline_id: int) -> int:
     return PipelineRun.objects.filter(
         pipeline_id=pipeline_id, status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING],
     ).count()
+
+
+# --- a pipeline's logs (the Logs page) -----------------------------------------------------------
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOGS_PAGE_SIZE = 100
+_CURSOR_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+_MAX_ID = 2**63 - 1  # a bigger number makes the database raise, not answer "no rows"
+
+
+@dataclass(frozen=True)
+class LogCursor:
+    """Where a page of logs ends: the (timestamp, id) of its last line. Text form:
+    `2026-12-03T21:42:05.123456Z_1234` (UTC, always with microseconds, so that the
+    timestamp compares equal to the stored one on both databases)."""
+
+    timestamp: datetime
+    id: int
+
+    def encode(self) -> str:
+        return f"{self.timestamp.astimezone(UTC).strftime(_CURSOR_TIME)}_{self.id}"
+
+    @classmethod
+    def decode(cls, text: str) -> LogCursor:
+        """The cursor `encode` wrote; ValueError for anything else."""
+        stamp, _, id_text = text.rpartition("_")
+        if not (id_text.isascii() and id_text.isdigit()) or not 0 < int(id_text) <= _MAX_ID:
+            raise ValueError(f"not a log cursor: {text[:80]!r}")
+        return cls(datetime.strptime(stamp, _CURSOR_TIME).replace(tzinfo=UTC), int(id_text))
+
+
+@dataclass(frozen=True)
+class LogFilters:
+    """What the Logs page narrows by; empty values filter nothing. `min_level` keeps that
+    level and the ones above it (levels outside LOG_LEVELS then never match)."""
+
+    min_level: str = ""
+    block_type: str = ""
+    block_uuid: str = ""
+    pipeline_run_id: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    q: str = ""
+
+
+def pipeline_logs_page(
+    pipeline_id: int, filters: LogFilters, *, before: LogCursor | None = None, size: int = LOGS_PAGE_SIZE,
+) -> tuple[list[LogEntry], LogCursor | None]:
+    """One page of the log lines of a pipeline's runs, newest first, and the cursor of
+    the next (older) page, None on the last. One query whatever the page.
+
+    Keyset pagination on (timestamp, id), both descending: lines with equal timestamps
+    (a chunk of output shares one) still have a single order, a page costs the same
+    however deep it is, and lines written meanwhile never shift the next page."""
+    rows = _pipeline_logs(pipeline_id, filters)
+    if before is not None:
+        rows = rows.filter(Q(timestamp__lt=before.timestamp) | Q(timestamp=before.timestamp, id__lt=before.id))
+    page = list(rows.order_by("-timestamp", "-id")[: size + 1])
+    if len(page) <= size:
+        return page, None
+    last = page[size - 1]
+    return page[:size], LogCursor(last.timestamp, last.pk)
+
+
+def _pipeline_logs(pipeline_id: int, filters: LogFilters) -> QuerySet[LogEntry]:
+    rows = LogEntry.objects.filter(pipeline_run__pipeline_id=pipeline_id)
+    if filters.min_level:
+        rows = rows.filter(level__in=LOG_LEVELS[LOG_LEVELS.index(filters.min_level):])
+    if filters.block_type:
+        rows = rows.filter(block_type=filters.block_type)
+    if filters.block_uuid:
+        rows = rows.filter(block_uuid=filters.block_uuid)
+    if filters.pipeline_run_id is not None:
+        rows = rows.filter(pipeline_run_id=filters.pipeline_run_id)
+    if filters.since is not None:
+        rows = rows.filter(timestamp__gte=filters.since)
+    if filters.until is not None:
+        rows = rows.filter(timestamp__lte=filters.until)
+    if filters.q:
+        rows = rows.filter(message__icontains=filters.q)
+    return rows
