@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install bytecode lint bench clean vendor
+.PHONY: run test install bytecode lint bench clean vendor chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ run: $(STAMP) bytecode
 	$(BIN)/honcho start -f Procfile
 
 # The whole suite; against PostgreSQL when DATABASE_URL says so, else SQLite.
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The browser tests (tests/e2e) drive Debian's chromium through Playwright; Playwright's
+# own browser download is never used.
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "Installing Debian's chromium for the browser tests"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; \
+		else sudo apt-get install -y -qq chromium; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
