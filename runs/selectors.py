@@ -188,11 +188,9 @@ def pipeline_runs_statuses(pipeline_id: int, run_ids: list[int]) -> dict[int, st
     return dict(rows.values_list("id", "status"))
 
 
-def pipeline_runs_unfinished_count(pipeline_id: int) -> int:
-    """How many runs of the pipeline have not finished (running, or waiting to)."""
-    return PipelineRun.objects.filter(
-        pipeline_id=pipeline_id, status__in=[PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING],
-    ).count()
+def pipeline_runs_count(pipeline_id: int, statuses: tuple[str, ...]) -> int:
+    """How many runs of the pipeline have one of `statuses` (the (pipeline, status) index)."""
+    return PipelineRun.objects.filter(pipeline_id=pipeline_id, status__in=statuses).count()
 
 
 # --- a pipeline's logs (the Logs page) -----------------------------------------------------------

@@ -5,10 +5,14 @@ paginated and filtered by status in SQL; for editors, Mage's four batch operatio
 Mage's batch operations, and what each calls (the services the admin's actions call):
 
 - "Retry selected": each selected run again from scratch (`runs_retry`, mode `all`);
-- "Retry incomplete block runs": the block runs of each selected run that did not
-  complete (`runs_retry`, mode `incomplete`), the completed ones keeping their outputs;
+- "Retry incomplete block runs" of the selected runs: the block runs of each that did
+  not complete (`runs_retry`, mode `incomplete`), the completed ones keeping their outputs;
 - "Cancel selected": each selected run that has not finished (`runs_cancel`);
 - "Cancel all running": every run of the pipeline not finished (`pipeline_cancel_running`).
+
+Mage's own "Retry all incomplete block runs" button takes no selection: it retries the
+incomplete block runs of every failed run of the pipeline. It is offered too, as the
+admin's action does it (`pipeline_retry_incomplete`: every failed or cancelled run).
 
 Each is two POSTs: the first answers a confirmation saying how many runs it will touch
 (an HTMX-swapped panel, or the page with the panel when HTMX is not there), the second
@@ -50,6 +54,8 @@ class BatchAction:
     selected: bool  # acts on the selected runs (else on the whole pipeline)
     eligible: Callable[[str], bool]  # which statuses it can change
     run: Callable[[Pipeline, list[int], Any], services.BatchResult]
+    # For an action on the whole pipeline: the runs it will touch.
+    statuses: tuple[str, ...] = ()
 
 
 def _finished(status: str) -> bool:
@@ -72,6 +78,13 @@ ACTIONS: dict[str, BatchAction] = {
     "cancel_running": BatchAction(
         "Cancel all running runs of this pipeline", "Cancelled", False, lambda status: not _finished(status),
         lambda pipeline, ids, user: services.pipeline_cancel_running(pipeline, user=user),
+        (PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING),
+    ),
+    "retry_incomplete_all": BatchAction(
+        "Retry all incomplete block runs of this pipeline (its failed and cancelled runs)",
+        "Retried the incomplete block runs of", False, _finished,
+        lambda pipeline, ids, user: services.pipeline_retry_incomplete(pipeline, user=user),
+        (PipelineRunStatus.FAILED, PipelineRunStatus.CANCELLED),
     ),
 }
 
@@ -162,7 +175,7 @@ def runs_action(request: HttpRequest, pipeline_uuid: str) -> HttpResponse:
         return _confirm(request, pipeline, back, action, list(statuses), statuses)
     result = action.run(pipeline, list(statuses), request.user)
     if not action.selected and not result.changed and not result.refused:
-        messages.info(request, "No run of this pipeline was running: nothing to cancel.")
+        messages.info(request, f"No run of {pipeline.uuid} was {' or '.join(action.statuses)}: nothing to do.")
     else:
         _report(request, result, action.verb)
     return HttpResponseRedirect(back)
@@ -178,7 +191,7 @@ def _confirm(
     if action.selected:
         touched = sum(1 for status in statuses.values() if action.eligible(status))
     else:
-        touched = selectors.pipeline_runs_unfinished_count(pipeline.pk)
+        touched = selectors.pipeline_runs_count(pipeline.pk, action.statuses)
     panel = {
         "pipeline": pipeline, "back": back, "action": action, "action_key": request.POST["action"], "ids": ids,
         "selected": len(ids), "touched": touched, "skipped": len(ids) - touched if action.selected else 0,

@@ -84,7 +84,7 @@ def test_a_viewer_sees_the_runs_but_no_actions(client, viewer_user, pipeline):
 def test_a_viewer_gets_403_on_every_post(client, viewer_user, pipeline):
     run = failed_run(pipeline)
     client.force_login(viewer_user)
-    for action in ("retry", "retry_incomplete", "cancel", "cancel_running"):
+    for action in ("retry", "retry_incomplete", "cancel", "cancel_running", "retry_incomplete_all"):
         response = client.post(action_url(pipeline), {"action": action, "run": [run.pk], "confirm": "yes"})
         assert response.status_code == 403
     assert client.post(f"/pipelines/{pipeline.uuid}/runs/new", {"variables": "{}"}).status_code == 403
@@ -235,7 +235,7 @@ def test_cancel_all_running_cancels_every_unfinished_run_of_this_pipeline_only(c
     client.force_login(editor_user)
 
     confirm = client.post(action_url(pipeline), {"action": "cancel_running"}, **HTMX)
-    assert '<strong class="touched">2</strong> runs of orders' in texts(confirm)
+    assert '<strong class="touched">2</strong> runs of orders: every one that is initial or running' in texts(confirm)
     done = client.post(action_url(pipeline), {"action": "cancel_running", "confirm": "yes"}, follow=True)
     assert "Cancelled 2 runs." in texts(done)
     assert {r.status for r in PipelineRun.objects.filter(pk__in=[r.pk for r in mine])} == {"cancelled"}
@@ -245,7 +245,29 @@ def test_cancel_all_running_cancels_every_unfinished_run_of_this_pipeline_only(c
     assert theirs.status == "running"
 
     again = client.post(action_url(pipeline), {"action": "cancel_running", "confirm": "yes"}, follow=True)
-    assert "nothing to cancel" in texts(again)
+    assert "No run of orders was initial or running: nothing to do." in texts(again)
+
+
+def test_retry_all_incomplete_retries_every_failed_or_cancelled_run_of_this_pipeline(client, editor_user, pipeline):
+    """Mage's own "Retry all incomplete block runs" button: no selection, the whole pipeline."""
+    failed = failed_run(pipeline)
+    cancelled = make_run(pipeline, "cancelled", {"b000": BlockRunStatus.COMPLETED, "b001": BlockRunStatus.CANCELLED})
+    completed = make_run(pipeline, "completed", {"b000": BlockRunStatus.COMPLETED, "b001": BlockRunStatus.COMPLETED})
+    theirs = make_run(chain("other", 1), "failed", {"b000": BlockRunStatus.FAILED})
+    client.force_login(editor_user)
+
+    confirm = client.post(action_url(pipeline), {"action": "retry_incomplete_all"}, **HTMX)
+    assert '<strong class="touched">2</strong> runs of orders: every one that is failed or cancelled' in texts(confirm)
+    done = client.post(action_url(pipeline), {"action": "retry_incomplete_all", "confirm": "yes"}, follow=True)
+    assert "Retried the incomplete block runs of 2 runs." in texts(done)
+    for run in (failed, cancelled):
+        assert block(run, "b000").status == "completed"
+        assert len(block(run, "b001").attempts) == 1
+        assert RunAction.objects.get(pipeline_run=run).action == "retry_incomplete"
+    for run in (completed, theirs):
+        run.refresh_from_db()
+        assert run.status in ("completed", "failed")
+        assert not RunAction.objects.filter(pipeline_run=run).exists()
 
 
 # --- bad input ----------------------------------------------------------------------------------
