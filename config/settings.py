@@ -8,7 +8,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from config.common.env import default_block_memory_mb, envbool, envfloat, envint, secret_key
+from config.common.env import default_block_memory_mb, envage, envbool, envfloat, envint, secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MILLRACE_VAR_DIR", BASE_DIR / "var"))
@@ -170,6 +170,9 @@ MILLRACE_SHUTDOWN_GRACE = envfloat("MILLRACE_SHUTDOWN_GRACE", 20.0)
 # A worker cluster whose own heartbeat is older than this many seconds is presumed
 # dead: its running block runs are failed or retried and its prefetched tasks sent again.
 MILLRACE_CLUSTER_HEARTBEAT_LIMIT = envint("MILLRACE_CLUSTER_HEARTBEAT_LIMIT", 10, minimum=3)
+# Finished runs older than this (an age: 90d, 12h, 2w) are deleted once a day by the
+# scheduler, with their block runs, logs and stored outputs; unset keeps them all.
+MILLRACE_RUN_RETENTION = envage("MILLRACE_RUN_RETENTION")
 
 _Q_TIMEOUT = envint("MILLRACE_TASK_TIMEOUT", 7 * 24 * 3600, minimum=60)
 Q_CLUSTER = {

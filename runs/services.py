@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
-from pipelines import execution
+from pipelines import execution, variables
 from pipelines.models import Pipeline
 from runs import orchestrator
-from runs.models import RUN_TERMINAL, BlockRunStatus, Heartbeat, PipelineRun, PipelineRunStatus
+from runs.models import (
+    RUN_TERMINAL,
+    BlockRun,
+    BlockRunStatus,
+    Heartbeat,
+    LogEntry,
+    PipelineRun,
+    PipelineRunStatus,
+)
 from runs.selectors import run_no_worker_reason, run_wait_reason
+
+log = logging.getLogger("millrace.runs")
 
 
 def run_execute_sync(run: PipelineRun, *, poll: float = 0.05, on_wait: Callable[[str], None] | None = None) -> PipelineRun:
@@ -148,6 +159,75 @@ def pipeline_delete(pipeline: Pipeline) -> int:
         count = runs.count()
         pipeline.delete()
     return count
+
+
+@dataclass
+class Pruned:
+    """What `runs_prune` deleted (or, with `dry_run`, would delete)."""
+
+    runs: int = 0
+    block_runs: int = 0
+    logs: int = 0
+
+
+PRUNE_BATCH = 500  # runs a transaction: short enough that no scheduler or worker waits long
+
+
+def runs_prune(
+    *, older_than: timedelta, status: str | None = None, pipeline: Pipeline | None = None, dry_run: bool = False,
+    now: datetime | None = None, batch: int = PRUNE_BATCH,
+) -> Pruned:
+    """Delete finished runs created more than `older_than` ago (of `pipeline`, with
+    `status`, if given) with their block runs, logs, audit rows and stored outputs. A
+    run that has not finished is never touched, nor one that a retry starts again while
+    the prune goes on: each batch locks its runs and deletes only those still finished.
+    Runs go in batches of `batch`, each its own short transaction; stored outputs are
+    removed after each commit. A failing batch is logged and the prune goes on."""
+    if status is not None and status not in RUN_TERMINAL:
+        raise ValidationError({"status": f"status must be one of {', '.join(sorted(RUN_TERMINAL))}, not {status!r}"})
+    cutoff = (now or timezone.now()) - older_than
+    finished = [status] if status else list(RUN_TERMINAL)
+    runs = PipelineRun.objects.filter(status__in=finished, created_at__lt=cutoff)
+    if pipeline is not None:
+        runs = runs.filter(pipeline=pipeline)
+    done = Pruned()
+    if dry_run:
+        chosen = runs.values("id")
+        done.runs = runs.count()
+        done.block_runs = BlockRun.objects.filter(pipeline_run_id__in=chosen).count()
+        done.logs = LogEntry.objects.filter(pipeline_run_id__in=chosen).count()
+        return done
+    after = 0
+    while True:
+        ids = list(runs.filter(id__gt=after).order_by("id").values_list("id", flat=True)[:batch])
+        if not ids:
+            return done
+        after = ids[-1]
+        try:
+            _prune_batch(ids, finished, done)
+        except Exception:  # one bad batch must not stop the others
+            log.exception("prune: the runs %s..%s could not be deleted", ids[0], ids[-1])
+
+
+def _prune_batch(ids: list[int], finished: list[str], done: Pruned) -> None:
+    with transaction.atomic():
+        locked = PipelineRun.objects.filter(id__in=ids, status__in=finished)
+        if connection.features.has_select_for_update_skip_locked:
+            locked = locked.select_for_update(skip_locked=True)
+        ids = list(locked.values_list("id", flat=True))
+        if not ids:
+            return
+        done.logs += LogEntry.objects.filter(pipeline_run_id__in=ids).delete()[0]
+        # Block runs by hand: the ORM would load each one to follow its dynamic children,
+        # which go in the same statement anyway.
+        table = BlockRun._meta.db_table
+        with connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {table} WHERE pipeline_run_id IN ({', '.join(['%s'] * len(ids))})", ids)
+            done.block_runs += cursor.rowcount
+        PipelineRun.objects.filter(id__in=ids).delete()
+        done.runs += len(ids)
+    for run_id in ids:  # slow I/O, after the commit
+        variables.delete_prefix(f"pipeline_runs/{run_id}")
 
 
 def heartbeat_beat(

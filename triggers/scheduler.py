@@ -20,17 +20,19 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from pipelines.selectors import pipeline_definition
 from runs import orchestrator
+from runs import services as run_services
 from runs.models import HeartbeatKind, PipelineRun, PipelineRunStatus, RunType
 from runs.services import heartbeat_beat, heartbeat_end
 from triggers import schedule, services
@@ -67,6 +69,8 @@ def tick(now: datetime | None = None, *, batch_size: int = BATCH_SIZE) -> dict[s
     2. Enforce run timeouts and SLAs (`orchestrator.enforce_deadlines`).
     3. Repair what dead workers left (`orchestrator.reconcile`).
     4. Mark backfills whose runs have all finished.
+    5. Once a day, with `MILLRACE_RUN_RETENTION` set, delete the finished runs older
+       than it (`runs.services.runs_prune`).
 
     Each pass is guarded: a failing pass is logged and counted in `errors`, and the
     following passes still run."""
@@ -77,6 +81,7 @@ def tick(now: datetime | None = None, *, batch_size: int = BATCH_SIZE) -> dict[s
         ("deadlines", lambda: orchestrator.enforce_deadlines(now)),
         ("reconcile", lambda: _renamed(orchestrator.reconcile(now))),
         ("backfills", lambda: {"backfills_finished": services.backfills_update_status(now)}),
+        ("retention", lambda: _prune_daily(now)),
     ]
     for name, call in passes:
         try:
@@ -85,6 +90,21 @@ def tick(now: datetime | None = None, *, batch_size: int = BATCH_SIZE) -> dict[s
             log.exception("scheduler: the %s pass failed", name)
             counts["errors"] += 1
     return counts
+
+
+# When this scheduler last pruned old runs. Kept in the process: two schedulers each
+# prune once a day, which is harmless (a prune skips what another is deleting).
+_last_prune: datetime | None = None
+PRUNE_EVERY = timedelta(days=1)
+
+
+def _prune_daily(now: datetime) -> dict[str, int]:
+    global _last_prune
+    retention = settings.MILLRACE_RUN_RETENTION
+    if retention is None or (_last_prune is not None and now - _last_prune < PRUNE_EVERY):
+        return {}
+    _last_prune = now
+    return {"runs_pruned": run_services.runs_prune(older_than=retention, now=now).runs}
 
 
 def _renamed(done: dict[str, int]) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -45,6 +46,32 @@ def envfloat(name: str, default: float) -> float:
         return float(raw)
     except ValueError as exc:
         raise ImproperlyConfigured(f"{name} must be a number; got {raw!r}") from exc
+
+
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> timedelta:
+    """An age written as Mage writes retention periods: a whole number and a unit, `m`
+    (minutes), `h`, `d` or `w`: `30d`, `12h`, `2w`. ValueError names what is wrong."""
+    value = text.strip().lower()
+    if len(value) < 2 or value[-1] not in _UNITS or not value[:-1].isdigit():
+        raise ValueError(f"{text!r} is not an age such as 30d, 12h, 2w or 90m")
+    seconds = int(value[:-1]) * _UNITS[value[-1]]
+    if not 0 < seconds <= 100 * 365 * 86400:
+        raise ValueError(f"{text!r} must be more than nothing and at most 100 years")
+    return timedelta(seconds=seconds)
+
+
+def envage(name: str) -> timedelta | None:
+    """An age (`parse_age`) from the environment; None when unset or empty."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_age(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from exc
 
 
 def secret_key(var_dir: Path) -> str:
