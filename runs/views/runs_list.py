@@ -71,6 +71,12 @@ ACTIONS: dict[str, BatchAction] = {
         "Retry incomplete block runs of the selected runs", "Retried the incomplete block runs of", True, _finished,
         lambda pipeline, ids, user: services.runs_retry(ids, mode="incomplete", user=user),
     ),
+    "retry_incomplete_all": BatchAction(
+        "Retry all incomplete block runs of this pipeline (its failed and cancelled runs)",
+        "Retried the incomplete block runs of", False, _finished,
+        lambda pipeline, ids, user: services.pipeline_retry_incomplete(pipeline, user=user),
+        (PipelineRunStatus.FAILED, PipelineRunStatus.CANCELLED),
+    ),
     "cancel": BatchAction(
         "Cancel selected runs", "Cancelled", True, lambda status: not _finished(status),
         lambda pipeline, ids, user: services.runs_cancel(ids, user=user),
@@ -79,12 +85,6 @@ ACTIONS: dict[str, BatchAction] = {
         "Cancel all running runs of this pipeline", "Cancelled", False, lambda status: not _finished(status),
         lambda pipeline, ids, user: services.pipeline_cancel_running(pipeline, user=user),
         (PipelineRunStatus.INITIAL, PipelineRunStatus.RUNNING),
-    ),
-    "retry_incomplete_all": BatchAction(
-        "Retry all incomplete block runs of this pipeline (its failed and cancelled runs)",
-        "Retried the incomplete block runs of", False, _finished,
-        lambda pipeline, ids, user: services.pipeline_retry_incomplete(pipeline, user=user),
-        (PipelineRunStatus.FAILED, PipelineRunStatus.CANCELLED),
     ),
 }
 
